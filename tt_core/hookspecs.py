@@ -1,0 +1,94 @@
+"""The hook contract between tt_core and adapter-method plugins.
+
+A method plugin is a module or object with functions marked ``@tt_core.hookimpl``
+and named after the specs below. Every hook except ``register_methods`` is
+``firstresult``: a plugin answers only for its own config or layer class and
+returns ``None`` for anything else, so the first plugin that recognises the
+object decides.
+
+The order of calls when ``add_adapter`` runs for a config::
+
+    detect_target(model, config)                   -> names of the modules to wrap
+    create_layer(config, adapter_name, name, base)  -> one AdapterState per target
+    tie_handler(model, config, name, base)          -> modules that share its weight
+
+and on ``merge_adapter`` / ``unmerge_adapter``::
+
+    merge(state, weight, unmerge)                    -> True once done
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tt_core.config import AdapterConfig
+    from tt_core.layer import AdapterState
+    from tt_core.plugins import MethodRegister
+
+hookspec = pluggy.HookspecMarker("tt_core")
+
+
+@hookspec
+def register_methods(register: MethodRegister) -> None:
+    """Declare the adapter methods this plugin provides.
+
+    Call ``register(name, config_class)`` once per method. ``name`` is what
+    manifests and ``adapter_config.json`` store as ``method``;
+    ``config_class`` must subclass :class:`tt_core.AdapterConfig` and set its
+    ``method`` class attribute to the same name.
+    """
+
+
+@hookspec(firstresult=True)
+def detect_target(model: nn.Module, config: AdapterConfig) -> list[str] | None:
+    """Return the full names of the modules to wrap for ``config``.
+
+    Answer only for your own config class. Most methods call
+    :func:`tt_core.targets.resolve_targets`, which honours
+    ``config.target_modules`` and otherwise picks the module that
+    ``model.get_input_embeddings()`` returns. Raise ``ValueError`` for a target
+    that does not exist, naming the modules that do.
+    """
+
+
+@hookspec(firstresult=True)
+def create_layer(
+    config: AdapterConfig, adapter_name: str, target_name: str, base_layer: nn.Module
+) -> AdapterState | None:
+    """Return the adapter state (an :class:`tt_core.AdapterState`) for one base module.
+
+    Validate the config against ``base_layer`` here (index ranges, shapes) and
+    raise ``ValueError`` with the fix; the model has not been touched yet, so
+    an error leaves it as it was. Create parameters on the base weight's
+    device, in float32.
+    """
+
+
+@hookspec(firstresult=True)
+def tie_handler(
+    model: nn.Module, config: AdapterConfig, target_name: str, base_layer: nn.Module
+) -> list[str] | None:
+    """Return the names of other modules that must share the target's adapter state.
+
+    Typically the modules holding the very same weight Parameter (a tied LM
+    head, T5's encoder and decoder embeddings), found with
+    :func:`tt_core.targets.find_tied_modules`. Every returned module is wrapped
+    with the *same* state object, so its parameters exist, train and save
+    once. Return ``[]`` to share with nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def merge(state: AdapterState, weight: torch.nn.Parameter, unmerge: bool) -> bool | None:
+    """Fold ``state`` into ``weight`` in place (``unmerge=False``), or undo that.
+
+    Called once per state, however many modules share the weight. Keep
+    whatever is needed to undo the merge exactly; the core unmerges in the
+    reverse order of merging. Return ``True`` when handled.
+    """

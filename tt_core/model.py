@@ -1,0 +1,450 @@
+"""AdapterModel: several named adapters on one model, stacked, switched, merged, saved."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from tt_core import manifest
+from tt_core.config import AdapterConfig
+from tt_core.layer import AdapterLayer, AdapterState
+from tt_core.plugins import get_plugin_manager
+from tt_core.targets import named_base_modules
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_SHAPES_KEY = "tt_base_shapes"
+
+
+@dataclasses.dataclass
+class _Site:
+    """One adapter state on one base weight, and every module name that uses it."""
+
+    state: AdapterState
+    weight: nn.Parameter
+    modules: list[str]
+
+
+def _names(adapter_names: str | list[str]) -> list[str]:
+    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+
+class _ForwardWithModelSignature:
+    # AdapterModel.forward takes what the base model's forward takes; exposing
+    # that signature lets transformers.Trainer keep the right dataset columns.
+    def __get__(self, obj: AdapterModel | None, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return obj.model(*args, **kwargs)
+
+        return functools.wraps(obj.model.forward)(forward)
+
+
+class AdapterModel(nn.Module):
+    """A model with named adapters. Unknown attributes pass through to the model.
+
+    Build one with :func:`get_adapter_model` or :meth:`from_pretrained`.
+    """
+
+    forward = _ForwardWithModelSignature()
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self._sites: dict[str, list[_Site]] = {}
+        self._trainable: dict[str, bool] = {}
+        self._active: list[str] = []
+        self._merged: list[str] = []  # in the order they were merged
+        self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ----------------------------------------------------------------- adding
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, is_trainable: bool = True) -> None:
+        """Add an inactive adapter; :meth:`set_adapter` activates it.
+
+        Nothing on the model changes unless every target accepts the config.
+        """
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without dots")
+        if adapter_name in self.adapter_configs:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists (adapters: {self.adapters}); "
+                "pick another name or delete_adapter() it first"
+            )
+        manager = get_plugin_manager()
+        manager.method_for(config)
+        targets = manager.hook.detect_target(model=self.model, config=config)
+        if not targets:
+            raise ValueError(f"no plugin found a module to adapt for method {config.method!r}")
+        modules = dict(named_base_modules(self.model))
+        sites: list[_Site] = []
+        covered: set[str] = set()
+        for target in targets:
+            if target in covered:
+                continue  # already shares the state of an earlier, tied target
+            base_layer = modules[target]
+            state = manager.hook.create_layer(
+                config=config, adapter_name=adapter_name, target_name=target, base_layer=base_layer
+            )
+            if state is None:
+                raise ValueError(f"no plugin creates a {config.method!r} layer for {target!r}")
+            tied = manager.hook.tie_handler(
+                model=self.model, config=config, target_name=target, base_layer=base_layer
+            )
+            site = _Site(state, base_layer.weight, [target, *(tied or [])])  # type: ignore[arg-type]
+            for name in site.modules:
+                AdapterLayer.check_wrappable(name, modules[name])
+            covered.update(site.modules)
+            sites.append(site)
+        # Every check passed: only now is the model touched.
+        for site in sites:
+            for name in site.modules:
+                self._wrapper(name).adapters[adapter_name] = site.state
+            site.state.requires_grad_(False)
+        self.adapter_configs[adapter_name] = config
+        self._sites[adapter_name] = sites
+        self._trainable[adapter_name] = is_trainable
+
+    def _wrapper(self, module_name: str) -> AdapterLayer:
+        parent_name, _, child_name = module_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        module = getattr(parent, child_name)
+        if not isinstance(module, AdapterLayer):
+            module = AdapterLayer(module)
+            setattr(parent, child_name, module)
+        return module
+
+    def _wrappers(self) -> Iterator[tuple[nn.Module, str, AdapterLayer]]:
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, AdapterLayer):
+                parent_name, _, child_name = name.rpartition(".")
+                yield self.model.get_submodule(parent_name), child_name, module
+
+    # ------------------------------------------------------------- switching
+    @property
+    def adapters(self) -> list[str]:
+        """Names of every adapter on the model, in the order they were added."""
+        return list(self.adapter_configs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active stack, applied in this order."""
+        return list(self._active)
+
+    def _check_known(self, names: list[str]) -> None:
+        unknown = [name for name in names if name not in self.adapter_configs]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; the model has {self.adapters}")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"adapter(s) {repeated} named more than once in {names}")
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Activate these adapters, stacked in the given order; only they train."""
+        names = _names(adapter_names)
+        self._check_known(names)
+        if self._merged:
+            warnings.warn(
+                f"adapters {self._merged} are merged; unmerging them before switching", stacklevel=2
+            )
+            self.unmerge_adapter()
+        self._activate(names)
+
+    def _activate(self, names: list[str]) -> None:
+        self._active = list(names)
+        for _, _, wrapper in self._wrappers():
+            wrapper.active_adapters = [name for name in names if name in wrapper.adapters]
+        for name, sites in self._sites.items():
+            train = name in names and self._trainable[name]
+            for site in sites:
+                site.state.requires_grad_(train)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; wrappers left with no adapter give the base module back."""
+        self._check_known([adapter_name])
+        merged = list(self._merged)
+        if adapter_name in merged:
+            self.unmerge_adapter()
+        for parent, child_name, wrapper in self._wrappers():
+            if adapter_name in wrapper.adapters:
+                del wrapper.adapters[adapter_name]
+                if not len(wrapper.adapters):
+                    setattr(parent, child_name, wrapper.base_layer)
+        del self.adapter_configs[adapter_name], self._sites[adapter_name], self._trainable[adapter_name]
+        self._activate([name for name in self._active if name != adapter_name])
+        if adapter_name in merged:
+            for name in merged:
+                if name != adapter_name:
+                    self._merge_one(name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model behaves as the base model; merges come back after."""
+        merged, active = list(self._merged), list(self._active)
+        self.unmerge_adapter()
+        self._activate([])
+        try:
+            yield
+        finally:
+            self._activate(active)
+            for name in merged:
+                self._merge_one(name)
+
+    # --------------------------------------------------------------- merging
+    def _check_merge_order(self, merge_order: list[str]) -> None:
+        """Refuse a merge whose base-first order changes what the active stack computes.
+
+        The model applies merged adapters first (they are in the weight), then the
+        unmerged active ones. Any pair whose order that swaps must commute.
+        """
+        applied = merge_order + [name for name in self._active if name not in merge_order]
+        stack = self._active
+        conflicts = []
+        for i, first in enumerate(stack):
+            for second in stack[i + 1 :]:
+                if applied.index(second) > applied.index(first):
+                    continue
+                for site_a in self._sites[first]:
+                    for site_b in self._sites[second]:
+                        if site_a.weight is site_b.weight and not site_a.state.commutes_with(site_b.state):
+                            conflicts.append((first, second, site_a.modules[0]))
+        if conflicts:
+            lines = [
+                f"{a!r} ({self.adapter_configs[a].method}) comes before {b!r} "
+                f"({self.adapter_configs[b].method}) in the active stack and both change the same rows "
+                f"of {module}.weight"
+                for a, b, module in conflicts
+            ]
+            last = max(stack.index(name) for name in merge_order if name in stack)
+            raise ValueError(
+                f"merging {merge_order} would change the outputs of the active stack {stack}: "
+                + "; ".join(lines)
+                + f". Merge a prefix of the stack instead, e.g. merge_adapter({stack[: last + 1]}), "
+                "or reorder the stack with set_adapter() first. Nothing was merged."
+            )
+
+    def _check_finite(self, names: list[str]) -> None:
+        for name in names:
+            for site in self._sites[name]:
+                for param_name, tensor in site.state.state_dict().items():
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise ValueError(
+                            f"adapter {name!r} holds NaN or inf in {param_name} (on {site.modules[0]}); "
+                            "safe_merge refused to merge it and no weight was changed"
+                        )
+
+    def _merge_one(self, name: str) -> None:
+        hook = get_plugin_manager().hook.merge
+        for site in self._sites[name]:
+            if not hook(state=site.state, weight=site.weight, unmerge=False):
+                raise RuntimeError(f"no plugin merges {type(site.state).__name__}")
+            site.state.merged = True
+        self._merged.append(name)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold active adapters (default: all) into the base weights; outputs stay the same.
+
+        A merge that would change the outputs is refused and nothing changes.
+        """
+        names = self.active_adapters if adapter_names is None else _names(adapter_names)
+        self._check_known(names)
+        inactive = [name for name in names if name not in self._active]
+        if inactive:
+            raise ValueError(
+                f"adapter(s) {inactive} are not active (active stack: {self._active}); merging them "
+                "would change the outputs. Activate them with set_adapter() first, or use "
+                "merge_and_unload(adapter_names=...) to bake them into a plain model."
+            )
+        new = [name for name in self._active if name in names and name not in self._merged]
+        self._check_merge_order(self._merged + new)
+        if safe_merge:
+            self._check_finite(new)
+        for name in new:
+            self._merge_one(name)
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge, newest first; trainable-token rows come back bit for bit."""
+        hook = get_plugin_manager().hook.merge
+        while self._merged:
+            name = self._merged.pop()
+            for site in reversed(self._sites[name]):
+                hook(state=site.state, weight=site.weight, unmerge=True)
+                site.state.merged = False
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters now folded into the base weights, in merge order."""
+        return list(self._merged)
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
+        """Return the base model with these adapters (default: the active stack) folded in, in order."""
+        names = self.active_adapters if adapter_names is None else _names(adapter_names)
+        self._check_known(names)
+        if safe_merge:
+            self._check_finite(names)
+        self.unmerge_adapter()
+        for name in names:
+            self._merge_one(name)
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """Return the base model as it was, without any adapter."""
+        self.unmerge_adapter()
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        for parent, child_name, wrapper in self._wrappers():
+            setattr(parent, child_name, wrapper.base_layer)
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(self._base_requires_grad.get(name, True))
+        self.adapter_configs.clear()
+        self._sites.clear()
+        self._active, self._merged = [], []
+        return self.model
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its adapted modules are wrapped while adapters exist)."""
+        return self.model
+
+    # ------------------------------------------------------------ reporting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; a tied weight counts once."""
+        trainable = total = 0
+        for parameter in self.parameters():
+            total += parameter.numel()
+            if parameter.requires_grad:
+                trainable += parameter.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # ------------------------------------------------------------- save/load
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None
+    ) -> None:
+        """Write ``manifest.json`` and one folder per adapter (config + safetensors)."""
+        names = self.adapters if selected_adapters is None else _names(selected_adapters)
+        self._check_known(names)
+        root = Path(save_directory)
+        root.mkdir(parents=True, exist_ok=True)
+        manager = get_plugin_manager()
+        entries = {}
+        for name in names:
+            config = self.adapter_configs[name]
+            folder = root / name
+            folder.mkdir(exist_ok=True)
+            tensors: dict[str, torch.Tensor] = {}
+            shapes: dict[str, list[int]] = {}
+            for site in self._sites[name]:
+                target = site.modules[0]
+                shapes[target] = list(site.weight.shape)
+                for key, tensor in site.state.state_dict().items():
+                    tensors[f"{target}.{key}"] = tensor.detach().to("cpu").contiguous()
+            manifest.write_atomic(folder / CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
+            manifest.save_tensors_atomic(
+                folder / WEIGHTS_FILE, tensors, {_SHAPES_KEY: json.dumps(shapes)}, save_file
+            )
+            entries[name] = manifest.entry_for(folder, name, config.method, manager.method_for(config).plugin)
+        active = [name for name in self._active if name in names]
+        manifest.write(root, entries, active)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike[str],
+        adapter_name: str | None = None,
+        is_trainable: bool = False,
+    ) -> AdapterModel:
+        """Load saved adapters onto ``model``: all of them (``adapter_name=None``) or one."""
+        adapter_model = cls(model)
+        found = manifest.read(Path(path)) if manifest.exists(Path(path)) else None
+        try:
+            if adapter_name is None and found is not None:
+                for name in found.adapters:
+                    adapter_model.load_adapter(path, name, is_trainable=is_trainable)
+                adapter_model.set_adapter(found.active or list(found.adapters))
+            else:
+                name = adapter_name or "default"
+                adapter_model.load_adapter(path, name, is_trainable=is_trainable)
+                adapter_model.set_adapter(name)
+        except Exception:
+            adapter_model._unload()
+            raise
+        if not is_trainable:
+            adapter_model.eval()
+        return adapter_model
+
+    def load_adapter(
+        self, path: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False
+    ) -> None:
+        """Load one saved adapter as ``adapter_name`` (inactive until :meth:`set_adapter`).
+
+        ``path`` is a folder written by :meth:`save_pretrained` (the adapter
+        called ``adapter_name``, or its only adapter) or one adapter's folder.
+        """
+        folder = manifest.adapter_folder(Path(path), adapter_name)
+        config = get_plugin_manager().config_from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            saved_shapes = json.loads((handle.metadata() or {}).get(_SHAPES_KEY, "{}"))
+        modules = dict(named_base_modules(self.model))
+        for target, shape in saved_shapes.items():
+            weight = getattr(modules.get(target), "weight", None)
+            if weight is None or list(weight.shape) != shape:
+                have = "missing" if weight is None else f"of shape {tuple(weight.shape)}"
+                raise ValueError(
+                    f"adapter {adapter_name!r} in {folder} was saved for {target} of shape {tuple(shape)} "
+                    f"(vocabulary {shape[0]}, width {shape[1]}), but this model's is {have}. Load it onto "
+                    "the base model it was trained with (resize_token_embeddings to its tokenizer first)."
+                )
+        self.add_adapter(adapter_name, config, is_trainable=is_trainable)
+        try:
+            for site in self._sites[adapter_name]:
+                prefix = f"{site.modules[0]}."
+                state_dict = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                site.state.load_state_dict(state_dict, strict=True)
+        except Exception as error:
+            self.delete_adapter(adapter_name)
+            raise ValueError(f"cannot load adapter {adapter_name!r} from {folder}: {error}") from error
+
+
+def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:
+    """Wrap ``model`` with one active adapter; every base weight is frozen."""
+    adapter_model = AdapterModel(model)
+    try:
+        adapter_model.add_adapter(adapter_name, config)
+    except Exception:
+        adapter_model._unload()  # gives back the requires_grad flags it froze
+        raise
+    adapter_model.set_adapter(adapter_name)
+    return adapter_model

@@ -1,0 +1,87 @@
+"""Finding the modules to adapt, and the modules tied to them, shared by all methods."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from tt_core.layer import AdapterLayer
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    # A module already wrapped by tt_core stands for its base module.
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
+def named_base_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Every module of ``model`` by full name, seeing through tt_core wrappers."""
+    inside_wrapper: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if name.startswith(inside_wrapper):
+            continue
+        if isinstance(module, AdapterLayer):
+            inside_wrapper += (name + ".",)
+        yield name, _unwrapped(module)
+
+
+def embedding_like(model: nn.Module) -> list[str]:
+    """Names of the modules that look tokens up: every ``nn.Embedding``."""
+    return [name for name, module in named_base_modules(model) if isinstance(module, nn.Embedding)]
+
+
+def input_embedding_name(model: nn.Module) -> str:
+    """The full name of the module ``model.get_input_embeddings()`` returns."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if embedding is None:
+        raise ValueError(
+            f"{type(model).__name__} has no get_input_embeddings(); name the module to adapt "
+            f"with target_modules=[...]. Embedding modules here: {embedding_like(model)}"
+        )
+    embedding = _unwrapped(embedding)
+    for name, module in named_base_modules(model):
+        if module is embedding:
+            return name
+    raise ValueError("get_input_embeddings() returned a module that is not part of the model")
+
+
+def resolve_targets(model: nn.Module, target_modules: Iterable[str] | None) -> list[str]:
+    """Full names of the modules to adapt.
+
+    ``None`` means the input embedding. A given name matches a module whose full
+    name equals it or ends with ``"." + name``.
+    """
+    if target_modules is None:
+        return [input_embedding_name(model)]
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    names = [name for name, _ in named_base_modules(model) if name]
+    found: list[str] = []
+    for wanted in target_modules:
+        matches = [name for name in names if name == wanted or name.endswith("." + wanted)]
+        if not matches:
+            raise ValueError(
+                f"target module {wanted!r} does not exist in {type(model).__name__}. "
+                f"Embedding modules here: {embedding_like(model)}; "
+                "leave target_modules=None to use get_input_embeddings()"
+            )
+        found.extend(name for name in matches if name not in found)
+    return found
+
+
+def find_tied_modules(model: nn.Module, target_name: str) -> list[str]:
+    """Names of the other modules that hold the very same weight Parameter as the target.
+
+    Ties are found by identity, which works for any model whatever its config
+    flags say.
+    """
+    modules = dict(named_base_modules(model))
+    weight = getattr(modules[target_name], "weight", None)
+    if weight is None:
+        return []
+    return [
+        name
+        for name, module in modules.items()
+        if name != target_name and getattr(module, "weight", None) is weight
+    ]

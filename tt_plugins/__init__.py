@@ -1,0 +1,1 @@
+"""The adapter methods shipped with tt-adapters, each a tt_core plugin."""
