@@ -41,12 +41,16 @@ def _names(adapter_names: str | list[str]) -> list[str]:
     return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
 
 
+def _call_model(adapter_model: AdapterModel, *args: Any, **kwargs: Any) -> Any:
+    return adapter_model.model(*args, **kwargs)
+
+
 class _ForwardWithModelSignature:
     # AdapterModel.forward takes what the base model's forward takes; exposing
     # that signature lets transformers.Trainer keep the right dataset columns.
     def __get__(self, obj: AdapterModel | None, objtype: type | None = None) -> Any:
         if obj is None:
-            return self
+            return _call_model
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             return obj.model(*args, **kwargs)

@@ -1,0 +1,91 @@
+"""Plugins: found by entry point, broken ones reported and skipped, run-time ones added."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+import tt_core
+from tt_core import AdapterConfig, hookimpl
+from tt_core.plugins import PluginManager
+
+
+def _fake_distribution(root: Path, entry_points: str) -> None:
+    info = root / "fake_tt_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-tt-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[tt_core.plugins]\n" + entry_points)
+
+
+def test_shipped_methods_come_from_entry_points():
+    methods = tt_core.get_plugin_manager().methods
+    assert methods["trainable_tokens"].plugin == "trainable_tokens"
+    assert methods["trainable_tokens"].config_class.__name__ == "TrainableTokensConfig"
+
+
+def test_a_broken_plugin_is_reported_by_name_and_skipped(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "broken = not_a_module_of_anyone\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = PluginManager()
+    with pytest.warns(UserWarning, match="tt plugin 'broken'.*skipped.*ModuleNotFoundError"):
+        manager.load_entry_points(strict=False)
+    assert [name for name, _ in manager.failures] == ["broken"]
+    assert "trainable_tokens" in manager.methods
+
+
+def test_strict_mode_turns_a_broken_plugin_into_an_error(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "broken = not_a_module_of_anyone\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match="tt plugin 'broken'"):
+        PluginManager().load_entry_points(strict=True)
+
+
+def test_a_plugin_registering_a_bad_method_is_skipped(tmp_path, monkeypatch):
+    (tmp_path / "bad_method_plugin.py").write_text(
+        "from tt_core import hookimpl\n"
+        "@hookimpl\n"
+        "def register_methods(register):\n"
+        "    register('bad', dict)\n"
+    )
+    _fake_distribution(tmp_path, "bad = bad_method_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = PluginManager()
+    with pytest.warns(UserWarning, match="must subclass tt_core.AdapterConfig"):
+        manager.load_entry_points(strict=False)
+    assert manager.get_plugin("bad") is None
+    assert "bad" not in manager.methods
+
+
+@dataclasses.dataclass
+class EchoConfig(AdapterConfig):
+    method: ClassVar[str] = "echo"
+    target_modules: list[str] | None = None
+
+
+class EchoPlugin:
+    @hookimpl
+    def register_methods(self, register):
+        register("echo", EchoConfig)
+
+
+def test_run_time_plugins_add_methods():
+    manager = PluginManager()
+    manager.load_entry_points()
+    manager.register(EchoPlugin(), name="echo")
+    assert manager.methods["echo"].config_class is EchoConfig
+    config = manager.config_from_dict({"method": "echo", "target_modules": ["x"]})
+    assert config == EchoConfig(target_modules=["x"])
+    with pytest.raises(ValueError, match="method 'nope', which no installed plugin provides"):
+        manager.config_from_dict({"method": "nope"})
+
+
+def test_the_core_never_imports_the_plugins():
+    core = Path(tt_core.__file__).parent
+    offenders = [p.name for p in core.glob("*.py") if "tt_plugins" in p.read_text()]
+    assert offenders == []
+    code = "import sys, tt_core; tt_core.AdapterModel; print('tt_plugins' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
