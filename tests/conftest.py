@@ -4,4 +4,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))
+# Shared helpers (tiny model builders). Only this folder goes on sys.path: the
+# test folders are named after the packages and must not shadow them.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
