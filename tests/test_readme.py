@@ -12,4 +12,4 @@ def test_the_readme_tour_runs(capsys):
         exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "trainable params: 768" in out
-    assert "['default', 'chat'] ['default', 'chat']" in out
+    assert "['default', 'chat', 'style'] ['default', 'chat', 'style']" in out

@@ -1,0 +1,56 @@
+"""LoraEmbeddingConfig: rank, scale and targets of a low-rank embedding update."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import ClassVar
+
+from tt_core import AdapterConfig
+
+
+@dataclasses.dataclass
+class LoraEmbeddingConfig(AdapterConfig):
+    """Add ``lora_alpha / r * (B @ A).T`` to the target embedding's weight (and to a head tied to it).
+
+    ``r``: the rank of the update. ``lora_alpha``: its scale numerator.
+    ``target_modules=None`` targets the module that ``get_input_embeddings()``
+    returns. ``init_weights=True`` starts ``A`` at zero (a no-op);
+    ``False`` starts both factors random, with an update about the size of the
+    base rows.
+    """
+
+    method: ClassVar[str] = "lora_embedding"
+    r: int = 8
+    lora_alpha: float = 16
+    target_modules: list[str] | None = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        # bool is an int to Python, but r=True is certainly a mistake.
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
+            raise ValueError(f"r={self.r!r} is not a valid LoRA rank; give a whole number >= 1, e.g. r=8")
+        self.r = int(self.r)
+        alpha = self.lora_alpha
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, numbers.Real)
+            or not math.isfinite(alpha)
+            or alpha <= 0
+        ):
+            raise ValueError(
+                f"lora_alpha={alpha!r} is not valid; give a positive number, e.g. lora_alpha={2 * self.r} "
+                "(the update is scaled by lora_alpha / r)"
+            )
+        # plain Python numbers, so adapter_config.json can hold them (numpy scalars cannot)
+        self.lora_alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        elif self.target_modules is not None:
+            self.target_modules = list(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        """The factor the update ``B @ A`` is multiplied by: ``lora_alpha / r``."""
+        return self.lora_alpha / self.r
