@@ -327,6 +327,7 @@ class AdapterModel(nn.Module):
             parameter.requires_grad_(self._base_requires_grad.get(name, True))
         self.adapter_configs.clear()
         self._sites.clear()
+        self._trainable.clear()
         self._active, self._merged = [], []
         return self.model
 
