@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 import transformers
 from torch import nn
+from torch.func import functional_call
 
 VOCAB = 128
 WIDTH = 16
@@ -141,4 +142,29 @@ def batch(family: str, token_ids: list[int], seed: int = 1) -> dict[str, torch.T
 
 def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def weight_names(family: str) -> list[str]:
+    """The names of the input embedding's weight and of every weight tied to it."""
+    _, embedding, tied = FAMILIES[family]
+    return [f"{name}.weight" for name in [embedding, *tied]]
+
+
+def adapter_state(adapter_model: nn.Module, family: str, adapter: str = "default") -> nn.Module:
+    """The state of ``adapter`` on the family's input embedding."""
+    return adapter_model.model.get_submodule(FAMILIES[family][1]).adapters[adapter]
+
+
+def reference_logits(
+    reference: nn.Module, family: str, effective: torch.Tensor, inputs: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The base model's logits with ``effective`` as its embedding weight (and every tied one)."""
+    out = functional_call(
+        reference,
+        {name: effective for name in weight_names(family)},
+        args=(),
+        kwargs=inputs,
+        tie_weights=False,
+    )
     return out if isinstance(out, torch.Tensor) else out.logits

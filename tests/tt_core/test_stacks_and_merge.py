@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 import transformers
-from models import FAMILIES, batch, build, logits
+from models import FAMILIES, adapter_state, batch, build, logits, reference_logits
 from torch import nn
-from torch.func import functional_call
 
 from tt_core import AdapterLayer, AdapterModel
 from tt_plugins.lora_embedding import LoraEmbeddingConfig, LoraEmbeddingLayer
@@ -19,17 +18,10 @@ STACK_FAMILIES = ["llama", "llama_tied", "gpt2", "t5"]
 
 
 # ---------------------------------------------------------------- helpers
-def _weight_names(family: str) -> list[str]:
-    _, embedding, tied = FAMILIES[family]
-    return [f"{name}.weight" for name in [embedding, *tied]]
 
 
 def _embedding_weight(adapter_model: AdapterModel) -> nn.Parameter:
     return adapter_model.get_input_embeddings().weight
-
-
-def _state(adapter_model: AdapterModel, family: str, adapter: str):
-    return adapter_model.model.get_submodule(FAMILIES[family][1]).adapters[adapter]
 
 
 def _with_adapters(family: str, first: str = "tokens"):
@@ -66,7 +58,7 @@ def _leaves(adapter_model: AdapterModel, family: str, names: list[str]) -> list[
     """Detached copies of the adapters' tensors (requiring grad), ready for :func:`_fold`."""
     stack: list[tuple[str, object]] = []
     for name in names:
-        state = _state(adapter_model, family, name)
+        state = adapter_state(adapter_model, family, name)
         if isinstance(state, TrainableTokensLayer):
             stack.append(("tokens", state.trainable_tokens_rows.detach().clone().requires_grad_(True)))
         else:
@@ -76,21 +68,10 @@ def _leaves(adapter_model: AdapterModel, family: str, names: list[str]) -> list[
     return stack
 
 
-def _reference_logits(reference: nn.Module, family: str, effective: torch.Tensor, inputs) -> torch.Tensor:
-    out = functional_call(
-        reference,
-        {name: effective for name in _weight_names(family)},
-        args=(),
-        kwargs=inputs,
-        tie_weights=False,
-    )
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def _expected(adapter_model, reference, family, inputs, names) -> torch.Tensor:
     base_weight = reference.get_input_embeddings().weight.detach()
     with torch.no_grad():
-        return _reference_logits(
+        return reference_logits(
             reference, family, _fold(base_weight, _leaves(adapter_model, family, names)), inputs
         )
 
@@ -131,17 +112,17 @@ def test_stack_outputs_and_gradients_equal_the_fold_in_both_orders(family):
     for order in BOTH_ORDERS:
         adapter_model.set_adapter(order)
         for name in order:
-            _state(adapter_model, family, name).zero_grad()
+            adapter_state(adapter_model, family, name).zero_grad()
         out = logits(adapter_model, inputs)
         out.square().mean().backward()
 
         leaves = _leaves(adapter_model, family, order)
-        expected = _reference_logits(reference, family, _fold(base_weight, leaves), inputs)
+        expected = reference_logits(reference, family, _fold(base_weight, leaves), inputs)
         expected.square().mean().backward()
 
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         for name, (_, tensors) in zip(order, leaves, strict=True):
-            state = _state(adapter_model, family, name)
+            state = adapter_state(adapter_model, family, name)
             if isinstance(state, TrainableTokensLayer):
                 pairs = [(state.trainable_tokens_rows, tensors)]
             else:
@@ -162,8 +143,8 @@ def test_lora_rows_overwritten_by_later_tokens_get_no_gradient_from_the_head(fam
     hidden = torch.randn(2, 5, reference.get_input_embeddings().weight.shape[1])
     head = adapter_model.model.get_submodule(FAMILIES[family][2][-1])
     head(hidden)[..., TOKENS].sum().backward()
-    lora = _state(adapter_model, family, "style")
-    tokens = _state(adapter_model, family, "tokens")
+    lora = adapter_state(adapter_model, family, "style")
+    tokens = adapter_state(adapter_model, family, "tokens")
     assert tokens.trainable_tokens_rows.grad.abs().sum() > 0
     torch.testing.assert_close(lora.lora_embedding_A.grad, torch.zeros_like(lora.lora_embedding_A))
     torch.testing.assert_close(lora.lora_embedding_B.grad, torch.zeros_like(lora.lora_embedding_B))
@@ -247,7 +228,7 @@ def test_merging_a_later_adapter_alone_is_refused_and_nothing_changes(family, st
     assert suggestion in message
     _assert_bitwise_equal(before, _snapshot(adapter_model))
     assert adapter_model.merged_adapters == []
-    assert not any(_state(adapter_model, family, name).merged for name in stack)
+    assert not any(adapter_state(adapter_model, family, name).merged for name in stack)
     torch.testing.assert_close(_run(adapter_model, inputs), stacked)
 
 
@@ -363,7 +344,7 @@ def test_merge_and_unload_of_chosen_adapters_bakes_in_only_those(family):
 def test_safe_merge_refuses_non_finite_adapters_and_changes_nothing(bad, value):
     adapter_model, _, inputs = _with_adapters("llama_tied")
     adapter_model.set_adapter(["tokens", "style"])
-    state = _state(adapter_model, "llama_tied", bad)
+    state = adapter_state(adapter_model, "llama_tied", bad)
     with torch.no_grad():
         parameter = state.trainable_tokens_rows if bad == "tokens" else state.lora_embedding_B
         parameter[0, 0] = value

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from models import FAMILIES, VOCAB, WIDTH, batch, build, logits
-from torch.func import functional_call
+from models import FAMILIES, VOCAB, WIDTH, adapter_state, batch, build, logits, reference_logits
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -21,26 +20,6 @@ from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLa
 # 0 and 1 are padding ids in some families: their rows must get no gradient.
 TOKENS = [0, 1, 3, 17, 64, 127]
 RANK = 4
-
-
-def _weight_names(family: str) -> list[str]:
-    _, embedding, tied = FAMILIES[family]
-    return [f"{name}.weight" for name in [embedding, *tied]]
-
-
-def _state(adapter_model: AdapterModel, family: str, adapter: str = "default") -> LoraEmbeddingLayer:
-    return adapter_model.model.get_submodule(FAMILIES[family][1]).adapters[adapter]
-
-
-def _reference_logits(reference, family: str, effective: torch.Tensor, inputs) -> torch.Tensor:
-    out = functional_call(
-        reference,
-        {name: effective for name in _weight_names(family)},
-        args=(),
-        kwargs=inputs,
-        tie_weights=False,
-    )
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 # ---------------------------------------------------------------- config
@@ -128,7 +107,7 @@ def test_targets_the_input_embedding_and_every_module_tied_to_it(family):
     assert len(states) == 1, "tied modules must share one adapter state"
     trainable = {name.rsplit(".", 1)[-1] for name, p in adapter_model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_embedding_A", "lora_embedding_B"}
-    state = _state(adapter_model, family)
+    state = adapter_state(adapter_model, family)
     assert state.lora_embedding_A.shape == (RANK, VOCAB)
     assert state.lora_embedding_B.shape == (WIDTH, RANK)
     assert state.additive and state.touched_rows() is None
@@ -155,7 +134,7 @@ def test_outputs_and_gradients_equal_the_base_model_with_the_update_added(family
     inputs = batch(family, TOKENS)
     config = LoraEmbeddingConfig(r=RANK, lora_alpha=6, init_weights=False)
     adapter_model = get_adapter_model(model, config)
-    state = _state(adapter_model, family)
+    state = adapter_state(adapter_model, family)
 
     out = logits(adapter_model, inputs)
     out.square().mean().backward()
@@ -164,7 +143,7 @@ def test_outputs_and_gradients_equal_the_base_model_with_the_update_added(family
     lora_b = state.lora_embedding_B.detach().clone().requires_grad_(True)
     base_weight = reference.get_input_embeddings().weight.detach()
     effective = base_weight + config.scaling * (lora_b @ lora_a).T
-    expected = _reference_logits(reference, family, effective, inputs)
+    expected = reference_logits(reference, family, effective, inputs)
     expected.square().mean().backward()
 
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -179,7 +158,7 @@ def test_padding_positions_teach_the_embedding_update_nothing(family):
     embedding = model.get_input_embeddings()
     padding_idx = embedding.padding_idx
     adapter_model = get_adapter_model(model, LoraEmbeddingConfig(r=RANK, init_weights=False))
-    state = _state(adapter_model, family)
+    state = adapter_state(adapter_model, family)
     ids = torch.tensor([[padding_idx, padding_idx]])
     out = adapter_model.get_input_embeddings()(ids)
     # the forward still looks up the updated padding row, as the base model with W_eff would
@@ -206,7 +185,7 @@ def test_init_weights_true_is_a_no_op_and_false_is_not(family):
 def test_a_no_op_start_still_trains():
     model = build("llama_tied")
     adapter_model = get_adapter_model(model, LoraEmbeddingConfig(r=RANK))
-    state = _state(adapter_model, "llama_tied")
+    state = adapter_state(adapter_model, "llama_tied")
     assert not state.lora_embedding_A.any() and state.lora_embedding_B.abs().sum() > 0
     logits(adapter_model, batch("llama_tied", TOKENS)).square().mean().backward()
     assert state.lora_embedding_A.grad.abs().sum() > 0
@@ -216,7 +195,7 @@ def test_scaled_embedding_scales_the_update():
     model = build("gemma3")
     embedding = model.get_input_embeddings()
     adapter_model = get_adapter_model(model, LoraEmbeddingConfig(r=RANK, lora_alpha=2, init_weights=False))
-    state = _state(adapter_model, "gemma3")
+    state = adapter_state(adapter_model, "gemma3")
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         out = adapter_model.get_input_embeddings()(ids)
@@ -228,7 +207,7 @@ def test_scaled_embedding_scales_the_update():
 def test_tied_head_keeps_its_bias():
     model = build("custom")
     adapter_model = get_adapter_model(model, LoraEmbeddingConfig(r=RANK, init_weights=False))
-    state = _state(adapter_model, "custom")
+    state = adapter_state(adapter_model, "custom")
     hidden = torch.randn(3, WIDTH)
     with torch.no_grad():
         out = adapter_model.model.head(hidden)
@@ -240,7 +219,7 @@ def test_tied_head_keeps_its_bias():
 def test_adapt_rows_gives_the_updated_rows():
     model = build("llama")
     adapter_model = get_adapter_model(model, LoraEmbeddingConfig(r=RANK, init_weights=False))
-    state = _state(adapter_model, "llama")
+    state = adapter_state(adapter_model, "llama")
     ids = torch.tensor([4, 9, 100])
     rows = torch.randn(3, WIDTH)
     torch.testing.assert_close(state.adapt_rows(ids, rows), rows + state.delta_weight()[ids])
@@ -279,7 +258,7 @@ def test_forward_and_backward_build_no_vocabulary_by_width_tensor():
     assert recorder.shapes, "the recorder saw nothing"
     assert not full & set(recorder.shapes)
     with recorder:  # the recorder does see a vocabulary x width tensor when one is built
-        _state(adapter_model, "llama_tied").delta_weight()
+        adapter_state(adapter_model, "llama_tied").delta_weight()
     assert full & set(recorder.shapes)
 
 
@@ -287,7 +266,7 @@ def test_forward_and_backward_build_no_vocabulary_by_width_tensor():
 def test_half_precision_base_keeps_fp32_factors_and_returns_base_dtype(dtype):
     model = build("llama_tied").to(dtype)
     adapter_model = get_adapter_model(model, LoraEmbeddingConfig(r=RANK, init_weights=False))
-    state = _state(adapter_model, "llama_tied")
+    state = adapter_state(adapter_model, "llama_tied")
     assert state.lora_embedding_A.dtype == state.lora_embedding_B.dtype == torch.float32
     out = logits(adapter_model, batch("llama_tied", TOKENS))
     assert out.dtype == dtype
@@ -302,7 +281,7 @@ def test_merge_adds_the_update_once_and_unmerge_subtracts_it(family):
     inputs = batch(family, TOKENS)
     base_weight = model.get_input_embeddings().weight.detach().clone()
     adapter_model = get_adapter_model(model, LoraEmbeddingConfig(r=RANK, init_weights=False))
-    state = _state(adapter_model, family)
+    state = adapter_state(adapter_model, family)
     with torch.no_grad():
         before = logits(adapter_model, inputs)
         adapter_model.merge_adapter()

@@ -4,22 +4,12 @@ import copy
 
 import pytest
 import torch
-from models import FAMILIES, batch, build, logits
-from torch.func import functional_call
+from models import FAMILIES, adapter_state, batch, build, logits, reference_logits
 
 from tt_core import AdapterLayer, get_adapter_model
-from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
+from tt_plugins.trainable_tokens import TrainableTokensConfig
 
 TOKENS = [3, 17, 64, 127]
-
-
-def _weight_names(family: str) -> list[str]:
-    _, embedding, tied = FAMILIES[family]
-    return [f"{name}.weight" for name in [embedding, *tied]]
-
-
-def _state(adapter_model, family: str, adapter: str = "default") -> TrainableTokensLayer:
-    return adapter_model.model.get_submodule(FAMILIES[family][1]).adapters[adapter]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -41,7 +31,7 @@ def test_outputs_and_gradients_equal_the_base_model_with_the_rows_written_in(fam
     reference = copy.deepcopy(model)
     inputs = batch(family, TOKENS)
     adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=TOKENS))
-    state = _state(adapter_model, family)
+    state = adapter_state(adapter_model, family)
     with torch.no_grad():
         state.trainable_tokens_rows.add_(torch.randn_like(state.trainable_tokens_rows))
 
@@ -51,14 +41,7 @@ def test_outputs_and_gradients_equal_the_base_model_with_the_rows_written_in(fam
     rows = state.trainable_tokens_rows.detach().clone().requires_grad_(True)
     base_weight = reference.get_input_embeddings().weight.detach()
     effective = base_weight.index_copy(0, torch.tensor(TOKENS), rows)
-    expected = functional_call(
-        reference,
-        {name: effective for name in _weight_names(family)},
-        args=(),
-        kwargs=inputs,
-        tie_weights=False,
-    )
-    expected = expected if isinstance(expected, torch.Tensor) else expected.logits
+    expected = reference_logits(reference, family, effective, inputs)
     expected.square().mean().backward()
 
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -81,7 +64,7 @@ def test_scaled_embedding_scales_the_new_rows():
     embedding = model.get_input_embeddings()
     adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=[5]))
     with torch.no_grad():
-        _state(adapter_model, "gemma3").trainable_tokens_rows.fill_(1.0)
+        adapter_state(adapter_model, "gemma3").trainable_tokens_rows.fill_(1.0)
         out = adapter_model.get_input_embeddings()(torch.tensor([[5, 6]]))
     assert float(embedding.embed_scale) != 1.0
     torch.testing.assert_close(out[0, 0], torch.full((16,), float(embedding.embed_scale)))
@@ -93,7 +76,7 @@ def test_head_bias_is_kept_for_the_new_columns():
     adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=[7]))
     hidden = torch.randn(3, 16)
     with torch.no_grad():
-        _state(adapter_model, "custom").trainable_tokens_rows.zero_()
+        adapter_state(adapter_model, "custom").trainable_tokens_rows.zero_()
         out = adapter_model.model.head(hidden)
     torch.testing.assert_close(out[:, 7], model.head.base_layer.bias[7].expand(3))
 
@@ -113,7 +96,7 @@ def test_half_precision_base_keeps_fp32_rows_and_returns_base_dtype(dtype):
     model = build("llama_tied").to(dtype)
     inputs = batch("llama_tied", TOKENS)
     adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=TOKENS))
-    state = _state(adapter_model, "llama_tied")
+    state = adapter_state(adapter_model, "llama_tied")
     assert state.trainable_tokens_rows.dtype == torch.float32
     out = logits(adapter_model, inputs)
     assert out.dtype == dtype
@@ -126,6 +109,6 @@ def test_generate_runs_through_the_adapter():
     model = build("llama_tied")
     adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=[9]))
     with torch.no_grad():
-        _state(adapter_model, "llama_tied").trainable_tokens_rows.fill_(5.0)
+        adapter_state(adapter_model, "llama_tied").trainable_tokens_rows.fill_(5.0)
     out = adapter_model.generate(torch.tensor([[3, 4]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.tolist()[0][2:] == [9, 9, 9]
