@@ -120,6 +120,8 @@ def verify(root: Path, name: str) -> Path:
     """Check one adapter's files against the manifest and return its folder."""
     entry = read(root).adapters[name]
     folder = root / entry["path"]
+    if root.resolve() not in folder.resolve().parents:
+        raise ValueError(f"{root / FILENAME} points adapter {name!r} outside its folder ({entry['path']!r})")
     for filename, expected in entry["files"].items():
         path = folder / filename
         if not path.is_file():

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tt_core.targets import named_base_modules
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _SHAPES_KEY = "tt_base_shapes"
+_ADAPTER_NAME = re.compile(r"[\w-]+")
 
 
 @dataclasses.dataclass
@@ -92,8 +94,11 @@ class AdapterModel(nn.Module):
 
         Nothing on the model changes unless every target accepts the config.
         """
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without dots")
+        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
+            raise ValueError(
+                f"adapter name {adapter_name!r} must be letters, digits, '_' or '-' (it names a module "
+                "key and a folder on disk), e.g. 'chat_markers'"
+            )
         if adapter_name in self.adapter_configs:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists (adapters: {self.adapters}); "

@@ -132,3 +132,13 @@ def test_asking_for_a_name_the_folder_does_not_hold(tmp_path):
         AdapterModel.from_pretrained(build("llama_tied"), tmp_path, adapter_name="nope")
     with pytest.raises(ValueError, match="neither manifest.json nor adapter_config.json"):
         AdapterModel.from_pretrained(build("llama_tied"), tmp_path / "missing")
+
+
+def test_a_manifest_pointing_outside_its_folder_is_refused(tmp_path):
+    _trained().save_pretrained(tmp_path / "saved")
+    manifest_path = tmp_path / "saved" / "manifest.json"
+    document = json.loads(manifest_path.read_text())
+    document["adapters"]["tokens"]["path"] = "../elsewhere"
+    manifest_path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="outside its folder"):
+        AdapterModel.from_pretrained(build("llama_tied"), tmp_path / "saved", adapter_name="tokens")

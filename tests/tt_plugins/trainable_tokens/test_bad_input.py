@@ -111,6 +111,9 @@ def test_unknown_and_existing_adapter_names():
         adapter_model.delete_adapter("nope")
     with pytest.raises(ValueError, match="unknown adapter"):
         adapter_model.merge_adapter(["nope"])
+    for bad_name in ["../escape", "a.b", "", "with space"]:
+        with pytest.raises(ValueError, match="must be letters, digits"):
+            adapter_model.add_adapter(bad_name, TrainableTokensConfig(token_indices=[4]))
     with pytest.raises(ValueError, match="'default' already exists"):
         adapter_model.add_adapter("default", TrainableTokensConfig(token_indices=[4]))
     assert adapter_model.active_adapters == ["default"]
