@@ -13,10 +13,10 @@ VOCAB = 128
 WIDTH = 16
 
 
-def llama(tied: bool = False) -> nn.Module:
+def llama(tied: bool = False, vocab: int = VOCAB, width: int = WIDTH) -> nn.Module:
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
+        vocab_size=vocab,
+        hidden_size=width,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import models
 import pytest
 import torch
-import transformers
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -58,17 +58,7 @@ class LargeAllocations(TorchDispatchMode):
 
 def _llama(tied: bool) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        pad_token_id=None,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = models.llama(tied, vocab=VOCAB, width=WIDTH)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     return model
 
