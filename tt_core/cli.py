@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tt_core import manifest
+from tt_core import manifest, serialization, storage
 from tt_core.plugins import get_plugin_manager
 
 
@@ -23,12 +23,11 @@ def _plugins(_: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     root = Path(args.path)
     try:
-        found = manifest.read(root)
-        for name, entry in found.adapters.items():
-            manifest.verify(root, name)
-            config = json.loads((root / entry["path"] / "adapter_config.json").read_text())
+        found, saved = storage.read_all(root)
+        for name, adapter in saved.items():
+            config = serialization.read_config(adapter)
             marker = "*" if name in found.active else " "
-            print(f"{marker} {name:<20} {entry['method']:<20} {json.dumps(config, sort_keys=True)}")
+            print(f"{marker} {name:<20} {config.method:<20} {json.dumps(config.to_dict(), sort_keys=True)}")
     except (OSError, ValueError) as error:
         print(f"tt inspect: {error}", file=sys.stderr)
         return 2

@@ -3,7 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's type hint (the shapes configs use)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _matches(k, key) and _matches(v, item) for k, v in value.items()
+        )
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # a hint this check does not know: the config's own validation decides
 
 
 class AdapterConfig:
@@ -34,4 +64,17 @@ class AdapterConfig:
                 f"{cls.__name__} got unknown keys {unknown}; known keys are {sorted(names)}. "
                 "Was this adapter saved by a newer version of its plugin?"
             )
-        return cls(**data)
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if key in hints and not _matches(value, hints[key]):
+                raise ValueError(
+                    f"{cls.__name__} key {key!r} is {value!r}, which is not a {_describe(hints[key])}"
+                )
+        try:
+            return cls(**data)
+        except TypeError as error:  # a required field missing, say
+            raise ValueError(f"{cls.__name__}: {error}") from None
+
+
+def _describe(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")

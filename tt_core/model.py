@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
-import json
 import os
 import re
 import warnings
@@ -14,20 +14,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from tt_core import manifest
+from tt_core import manifest, serialization, storage
 from tt_core.config import AdapterConfig
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.plugins import get_plugin_manager
 from tt_core.targets import named_base_modules
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-_SHAPES_KEY = "tt_base_shapes"
-_ADAPTER_NAME = re.compile(r"[\w-]+")
+#: Adapter names key modules and name folders on disk; this keeps them safe as both.
+MAX_NAME_LENGTH = 64
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Names an nn.ModuleDict already uses as attributes cannot be keys of one.
+_RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict()) if not name.startswith("__"))
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """Return ``adapter_name`` if it is a valid adapter name, else raise a ValueError saying why."""
+    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
+        raise ValueError(
+            f"adapter name {adapter_name!r} must be letters, digits, '_' or '-' (ASCII only: it names a "
+            "module key and a folder on disk), e.g. 'chat_markers'"
+        )
+    if len(adapter_name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"adapter name {adapter_name[:20]}... is {len(adapter_name)} characters long; the limit is "
+            f"{MAX_NAME_LENGTH}. Pick a shorter name."
+        )
+    if adapter_name in _RESERVED_NAMES:
+        raise ValueError(
+            f"adapter name {adapter_name!r} is taken by a PyTorch module attribute; pick another, "
+            f"e.g. {adapter_name + '_adapter'!r}"
+        )
+    return adapter_name
 
 
 @dataclasses.dataclass
@@ -37,6 +56,16 @@ class _Site:
     state: AdapterState
     weight: nn.Parameter
     modules: list[str]
+
+
+@dataclasses.dataclass
+class _Record:
+    """Everything the model keeps about one adapter."""
+
+    config: AdapterConfig
+    sites: list[_Site]
+    trainable: bool
+    fingerprint: dict[str, Any]  # of the base it was added to, written into saves
 
 
 def _names(adapter_names: str | list[str]) -> list[str]:
@@ -70,10 +99,14 @@ class AdapterModel(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        wrapped = [name for name, module in model.named_modules() if isinstance(module, AdapterLayer)]
+        if wrapped:
+            raise ValueError(
+                f"{type(model).__name__} already carries adapters (at {wrapped}) from another AdapterModel; "
+                "add adapters through that AdapterModel, or unload() it first"
+            )
         self.model = model
-        self.adapter_configs: dict[str, AdapterConfig] = {}
-        self._sites: dict[str, list[_Site]] = {}
-        self._trainable: dict[str, bool] = {}
+        self._records: dict[str, _Record] = {}
         self._active: list[str] = []
         self._merged: list[str] = []  # in the order they were merged
         self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -88,22 +121,26 @@ class AdapterModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    @property
+    def adapter_configs(self) -> dict[str, AdapterConfig]:
+        """Each adapter's config, by name."""
+        return {name: record.config for name, record in self._records.items()}
+
     # ----------------------------------------------------------------- adding
     def add_adapter(self, adapter_name: str, config: AdapterConfig, is_trainable: bool = True) -> None:
         """Add an inactive adapter; :meth:`set_adapter` activates it.
 
         Nothing on the model changes unless every target accepts the config.
         """
-        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
-            raise ValueError(
-                f"adapter name {adapter_name!r} must be letters, digits, '_' or '-' (it names a module "
-                "key and a folder on disk), e.g. 'chat_markers'"
-            )
-        if adapter_name in self.adapter_configs:
+        check_adapter_name(adapter_name)
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"config must be an adapter config (e.g. TrainableTokensConfig), got {config!r}")
+        if adapter_name in self._records:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists (adapters: {self.adapters}); "
                 "pick another name or delete_adapter() it first"
             )
+        config = copy.deepcopy(config)  # later edits to the caller's object change nothing here
         manager = get_plugin_manager()
         manager.method_for(config)
         targets = manager.hook.detect_target(model=self.model, config=config)
@@ -134,9 +171,8 @@ class AdapterModel(nn.Module):
             for name in site.modules:
                 self._wrapper(name).adapters[adapter_name] = site.state
             site.state.requires_grad_(False)
-        self.adapter_configs[adapter_name] = config
-        self._sites[adapter_name] = sites
-        self._trainable[adapter_name] = is_trainable
+        fingerprint = serialization.base_fingerprint(self.model, sites)
+        self._records[adapter_name] = _Record(config, sites, is_trainable, fingerprint)
 
     def _wrapper(self, module_name: str) -> AdapterLayer:
         parent_name, _, child_name = module_name.rpartition(".")
@@ -165,7 +201,7 @@ class AdapterModel(nn.Module):
         return list(self._active)
 
     def _check_known(self, names: list[str]) -> None:
-        unknown = [name for name in names if name not in self.adapter_configs]
+        unknown = [name for name in names if not isinstance(name, str) or name not in self._records]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; the model has {self.adapters}")
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -187,9 +223,9 @@ class AdapterModel(nn.Module):
         self._active = list(names)
         for _, _, wrapper in self._wrappers():
             wrapper.active_adapters = [name for name in names if name in wrapper.adapters]
-        for name, sites in self._sites.items():
-            train = name in names and self._trainable[name]
-            for site in sites:
+        for name, record in self._records.items():
+            train = name in names and record.trainable
+            for site in record.sites:
                 site.state.requires_grad_(train)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -203,7 +239,7 @@ class AdapterModel(nn.Module):
                 del wrapper.adapters[adapter_name]
                 if not len(wrapper.adapters):
                     setattr(parent, child_name, wrapper.base_layer)
-        del self.adapter_configs[adapter_name], self._sites[adapter_name], self._trainable[adapter_name]
+        del self._records[adapter_name]
         self._activate([name for name in self._active if name != adapter_name])
         if adapter_name in merged:
             for name in merged:
@@ -237,14 +273,14 @@ class AdapterModel(nn.Module):
             for second in stack[i + 1 :]:
                 if applied.index(second) > applied.index(first):
                     continue
-                for site_a in self._sites[first]:
-                    for site_b in self._sites[second]:
+                for site_a in self._records[first].sites:
+                    for site_b in self._records[second].sites:
                         if site_a.weight is site_b.weight and not site_a.state.commutes_with(site_b.state):
                             conflicts.append((first, second, site_a.modules[0]))
         if conflicts:
             lines = [
-                f"{a!r} ({self.adapter_configs[a].method}) comes before {b!r} "
-                f"({self.adapter_configs[b].method}) in the active stack and both change the same rows "
+                f"{a!r} ({self._records[a].config.method}) comes before {b!r} "
+                f"({self._records[b].config.method}) in the active stack and both change the same rows "
                 f"of {module}.weight"
                 for a, b, module in conflicts
             ]
@@ -258,7 +294,7 @@ class AdapterModel(nn.Module):
 
     def _check_finite(self, names: list[str]) -> None:
         for name in names:
-            for site in self._sites[name]:
+            for site in self._records[name].sites:
                 for param_name, tensor in site.state.state_dict().items():
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                         raise ValueError(
@@ -268,7 +304,7 @@ class AdapterModel(nn.Module):
 
     def _merge_one(self, name: str) -> None:
         hook = get_plugin_manager().hook.merge
-        for site in self._sites[name]:
+        for site in self._records[name].sites:
             if not hook(state=site.state, weight=site.weight, unmerge=False):
                 raise RuntimeError(f"no plugin merges {type(site.state).__name__}")
             site.state.merged = True
@@ -300,7 +336,7 @@ class AdapterModel(nn.Module):
         hook = get_plugin_manager().hook.merge
         while self._merged:
             name = self._merged.pop()
-            for site in reversed(self._sites[name]):
+            for site in reversed(self._records[name].sites):
                 hook(state=site.state, weight=site.weight, unmerge=True)
                 site.state.merged = False
 
@@ -330,9 +366,7 @@ class AdapterModel(nn.Module):
             setattr(parent, child_name, wrapper.base_layer)
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(self._base_requires_grad.get(name, True))
-        self.adapter_configs.clear()
-        self._sites.clear()
-        self._trainable.clear()
+        self._records.clear()
         self._active, self._merged = [], []
         return self.model
 
@@ -361,31 +395,14 @@ class AdapterModel(nn.Module):
     def save_pretrained(
         self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None
     ) -> None:
-        """Write ``manifest.json`` and one folder per adapter (config + safetensors)."""
+        """Save adapters (default: all) into ``save_directory``, all-or-nothing.
+
+        Writes ``manifest.json`` and one folder per adapter (config, safetensors,
+        hashes); adapters saved there before are kept. See docs/manifest.md.
+        """
         names = self.adapters if selected_adapters is None else _names(selected_adapters)
         self._check_known(names)
-        root = Path(save_directory)
-        root.mkdir(parents=True, exist_ok=True)
-        manager = get_plugin_manager()
-        entries = {}
-        for name in names:
-            config = self.adapter_configs[name]
-            folder = root / name
-            folder.mkdir(exist_ok=True)
-            tensors: dict[str, torch.Tensor] = {}
-            shapes: dict[str, list[int]] = {}
-            for site in self._sites[name]:
-                target = site.modules[0]
-                shapes[target] = list(site.weight.shape)
-                for key, tensor in site.state.state_dict().items():
-                    tensors[f"{target}.{key}"] = tensor.detach().to("cpu").contiguous()
-            manifest.write_atomic(folder / CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
-            manifest.save_tensors_atomic(
-                folder / WEIGHTS_FILE, tensors, {_SHAPES_KEY: json.dumps(shapes)}, save_file
-            )
-            entries[name] = manifest.entry_for(folder, name, config.method, manager.method_for(config).plugin)
-        active = [name for name in self._active if name in names]
-        manifest.write(root, entries, active)
+        serialization.save_pretrained(self, save_directory, names)
 
     @classmethod
     def from_pretrained(
@@ -394,58 +411,49 @@ class AdapterModel(nn.Module):
         path: str | os.PathLike[str],
         adapter_name: str | None = None,
         is_trainable: bool = False,
+        strict: bool = True,
     ) -> AdapterModel:
-        """Load saved adapters onto ``model``: all of them (``adapter_name=None``) or one."""
+        """Load saved adapters onto ``model``: all of them (``adapter_name=None``) or one.
+
+        On any error ``model`` is left exactly as it was. ``strict=False`` loads
+        adapters saved from another base model, with a warning.
+        """
         adapter_model = cls(model)
-        found = manifest.read(Path(path)) if manifest.exists(Path(path)) else None
         try:
-            if adapter_name is None and found is not None:
-                for name in found.adapters:
-                    adapter_model.load_adapter(path, name, is_trainable=is_trainable)
-                adapter_model.set_adapter(found.active or list(found.adapters))
+            root = Path(path)
+            if adapter_name is None and manifest.exists(root):
+                found, saved = storage.read_all(root)
+                for name, adapter in saved.items():
+                    serialization.load_adapter(adapter_model, adapter, name, is_trainable, strict)
+                adapter_model.set_adapter(found.active or list(saved))
             else:
                 name = adapter_name or "default"
-                adapter_model.load_adapter(path, name, is_trainable=is_trainable)
+                adapter_model.load_adapter(root, name, is_trainable=is_trainable, strict=strict)
                 adapter_model.set_adapter(name)
-        except Exception:
-            adapter_model._unload()
+        except BaseException:
+            adapter_model._unload()  # gives back the base model's requires_grad flags
             raise
         if not is_trainable:
             adapter_model.eval()
         return adapter_model
 
     def load_adapter(
-        self, path: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        strict: bool = True,
     ) -> None:
         """Load one saved adapter as ``adapter_name`` (inactive until :meth:`set_adapter`).
 
         ``path`` is a folder written by :meth:`save_pretrained` (the adapter
         called ``adapter_name``, or its only adapter) or one adapter's folder.
+        Every file is checked against its hash, and the adapter's recorded base
+        model against this one; on any error the model is left as it was.
         """
-        folder = manifest.adapter_folder(Path(path), adapter_name)
-        config = get_plugin_manager().config_from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            saved_shapes = json.loads((handle.metadata() or {}).get(_SHAPES_KEY, "{}"))
-        modules = dict(named_base_modules(self.model))
-        for target, shape in saved_shapes.items():
-            weight = getattr(modules.get(target), "weight", None)
-            if weight is None or list(weight.shape) != shape:
-                have = "missing" if weight is None else f"of shape {tuple(weight.shape)}"
-                raise ValueError(
-                    f"adapter {adapter_name!r} in {folder} was saved for {target} of shape {tuple(shape)} "
-                    f"(vocabulary {shape[0]}, width {shape[1]}), but this model's is {have}. Load it onto "
-                    "the base model it was trained with (resize_token_embeddings to its tokenizer first)."
-                )
-        self.add_adapter(adapter_name, config, is_trainable=is_trainable)
-        try:
-            for site in self._sites[adapter_name]:
-                prefix = f"{site.modules[0]}."
-                state_dict = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-                site.state.load_state_dict(state_dict, strict=True)
-        except Exception as error:
-            self.delete_adapter(adapter_name)
-            raise ValueError(f"cannot load adapter {adapter_name!r} from {folder}: {error}") from error
+        saved = storage.read(Path(path), adapter_name)
+        serialization.load_adapter(self, saved, adapter_name, is_trainable=is_trainable, strict=strict)
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:

@@ -29,6 +29,8 @@ class Method:
     name: str
     config_class: type[AdapterConfig]
     plugin: str
+    distribution: str | None = None  # the installed package providing it, if any
+    version: str | None = None
 
 
 class MethodRegister:
@@ -56,6 +58,7 @@ class PluginManager(pluggy.PluginManager):
         super().__init__("tt_core")
         self.add_hookspecs(hookspecs)
         self.failures: list[tuple[str, str]] = []
+        self.distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (package, version)
         self._methods: dict[str, Method] | None = None
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
@@ -76,6 +79,8 @@ class PluginManager(pluggy.PluginManager):
             try:
                 plugin = entry_point.load()
                 self.register(plugin, name=entry_point.name)
+                if entry_point.dist is not None:
+                    self.distributions[entry_point.name] = (entry_point.dist.name, entry_point.dist.version)
                 self._collect(entry_point.name, plugin)
                 self.check_pending()
             except Exception as error:
@@ -97,7 +102,8 @@ class PluginManager(pluggy.PluginManager):
         register = MethodRegister(plugin_name)
         if impl is not None:
             impl(register=register)
-        return register.methods
+        distribution, version = self.distributions.get(plugin_name, (None, None))
+        return [dataclasses.replace(m, distribution=distribution, version=version) for m in register.methods]
 
     @property
     def methods(self) -> dict[str, Method]:

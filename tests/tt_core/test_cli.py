@@ -24,7 +24,7 @@ def test_tt_inspect_lists_and_verifies_saved_adapters(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "* default" in out and "trainable_tokens" in out and "[5, 6]" in out
 
-    weights = tmp_path / "default" / "adapter_model.safetensors"
+    weights = next((tmp_path / "default").iterdir()) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4])
     assert main(["inspect", str(tmp_path)]) == 2
     assert "does not match the hash" in capsys.readouterr().err

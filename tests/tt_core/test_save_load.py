@@ -13,6 +13,11 @@ from tt_plugins.trainable_tokens import TrainableTokensConfig
 TOKENS = [10, 11, 12]
 
 
+def snapshot(root, name):
+    """The folder holding adapter ``name``'s files, as the manifest names it."""
+    return root / json.loads((root / "manifest.json").read_text())["adapters"][name]["path"]
+
+
 def _trained(family="llama_tied", seed=0):
     model = build(family)
     adapter_model = get_adapter_model(
@@ -32,14 +37,16 @@ def test_save_writes_a_manifest_and_one_folder_per_adapter_with_only_the_rows(tm
     adapter_model = _trained()
     adapter_model.save_pretrained(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["active"] == ["tokens", "other"]
     assert manifest["adapters"]["tokens"]["method"] == "trainable_tokens"
     assert manifest["adapters"]["tokens"]["plugin"] == "trainable_tokens"
     for name, rows in [("tokens", 3), ("other", 1)]:
-        folder = tmp_path / name
+        folder = snapshot(tmp_path, name)
+        assert folder.parent == tmp_path / name
         assert sorted(p.name for p in folder.iterdir()) == [
             "adapter_config.json",
+            "adapter_manifest.json",
             "adapter_model.safetensors",
         ]
         config = json.loads((folder / "adapter_config.json").read_text())
@@ -86,10 +93,13 @@ def test_from_pretrained_one_adapter_by_name_and_trainable(tmp_path):
 def test_load_adapter_adds_a_saved_adapter_under_a_new_name(tmp_path):
     adapter_model = _trained()
     adapter_model.save_pretrained(tmp_path, selected_adapters=["tokens"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "manifest.json",
+        "tokens",
+    ]
     target = get_adapter_model(build("llama_tied"), TrainableTokensConfig(token_indices=[30]))
     target.load_adapter(tmp_path, "copied")  # the folder's only adapter, under a new name
-    target.load_adapter(tmp_path / "tokens", "again")  # an adapter folder directly
+    target.load_adapter(snapshot(tmp_path, "tokens"), "again")  # an adapter's own folder directly
     original = adapter_model.model.model.embed_tokens.adapters["tokens"].trainable_tokens_rows
     for name in ["copied", "again"]:
         loaded = target.model.model.embed_tokens.adapters[name].trainable_tokens_rows
@@ -118,7 +128,7 @@ def test_loading_onto_a_model_of_another_vocabulary_is_refused_untouched(tmp_pat
 
 def test_a_damaged_file_is_detected_by_its_hash(tmp_path):
     _trained().save_pretrained(tmp_path)
-    weights = tmp_path / "tokens" / "adapter_model.safetensors"
+    weights = snapshot(tmp_path, "tokens") / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))

@@ -1,0 +1,254 @@
+"""Adapters to files and back: configs, safetensors, and the base model's fingerprint.
+
+``storage`` makes the files safe on disk; this module decides what goes in
+them and checks, before the model is touched, that what comes out fits it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from tt_core import manifest, storage
+from tt_core.config import AdapterConfig
+from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
+from tt_core.plugins import get_plugin_manager
+from tt_core.targets import named_base_modules
+
+if TYPE_CHECKING:
+    from tt_core.model import AdapterModel, _Site
+
+SHAPES_KEY = "tt_base_shapes"
+_FINGERPRINT_ROWS = 4096
+
+
+# ------------------------------------------------------------------ fingerprint
+def _rows_digest(weight: torch.Tensor, rows: int) -> str:
+    """SHA-256 of the first ``rows`` rows, as bfloat16 (so a float32 base and its bfloat16 copy agree)."""
+    sample = weight.detach()[:rows].to(torch.bfloat16).cpu().contiguous()
+    return manifest.sha256(sample.view(torch.int16).numpy().tobytes())
+
+
+def weight_fingerprint(weight: torch.Tensor, touched: torch.Tensor | None) -> dict[str, Any]:
+    """What identifies the pretrained base of one adapted weight: a hash of its first rows.
+
+    At most the first 4,096 rows (the cost stays flat in the vocabulary),
+    and none from the first row the adapter replaces on: tokens added to a
+    tokenizer sit at the end, and ``resize_token_embeddings`` fills their rows
+    at random, so a fresh resized copy of the same base shares only the rows
+    before them.
+    """
+    rows = min(int(weight.shape[0]), _FINGERPRINT_ROWS)
+    if touched is not None and touched.numel():
+        rows = min(rows, int(touched.min()))
+    return {
+        "shape": [int(size) for size in weight.shape],
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "rows": rows,
+        "sha256": _rows_digest(weight, rows),
+    }
+
+
+def base_fingerprint(model: nn.Module, sites: list[_Site]) -> dict[str, Any]:
+    return {
+        "model": type(model).__name__,
+        "weights": {
+            site.modules[0]: weight_fingerprint(site.weight, site.state.touched_rows()) for site in sites
+        },
+    }
+
+
+def base_mismatches(saved: dict[str, Any], model: nn.Module, where: Path) -> list[str]:
+    """How ``model`` differs from the base recorded in ``saved`` (empty when it is the same base)."""
+    problems = []
+    if saved.get("model") not in (None, type(model).__name__):
+        problems.append(f"it was trained on a {saved['model']}, this model is a {type(model).__name__}")
+    weights = saved.get("weights")
+    if not isinstance(weights, dict):
+        raise ValueError(
+            f"{where}: key 'base.weights' is {weights!r}; it must be an object. Save the adapter again."
+        )
+    modules = dict(named_base_modules(model))
+    for target, recorded in weights.items():
+        weight = getattr(modules.get(target), "weight", None)
+        try:
+            rows, digest = int(recorded["rows"]), str(recorded["sha256"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"{where}: key 'base.weights[{target!r}]' is malformed ({recorded!r}); save the adapter again"
+            ) from None
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] < rows:
+            continue  # the shape check reports it, with the fix
+        if _rows_digest(weight, rows) != digest:
+            dtype, mine = recorded.get("dtype"), str(weight.dtype).removeprefix("torch.")
+            note = (
+                f" (it was saved from a {dtype} weight; this one is {mine})"
+                if dtype not in (None, mine)
+                else ""
+            )
+            problems.append(
+                f"the first {rows} rows of {target}.weight are not the ones it was trained on{note}"
+            )
+    return problems
+
+
+# ------------------------------------------------------------------------ save
+def adapter_files(adapter_model: AdapterModel, name: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The files of one adapter and its manifest entry (without ``path``)."""
+    record = adapter_model._records[name]
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for site in record.sites:
+        target = site.modules[0]
+        shapes[target] = list(site.weight.shape)
+        for key, tensor in site.state.state_dict().items():
+            tensors[f"{target}.{key}"] = tensor.detach().to("cpu").contiguous()
+    files = {
+        CONFIG_FILE: (json.dumps(record.config.to_dict(), indent=2) + "\n").encode(),
+        WEIGHTS_FILE: safetensors.torch.save(tensors, metadata={SHAPES_KEY: json.dumps(shapes)}),
+    }
+    method = get_plugin_manager().method_for(record.config)
+    entry: dict[str, Any] = {"method": method.name, "plugin": method.plugin}
+    if method.distribution:
+        entry.update(distribution=method.distribution, distribution_version=method.version)
+    entry["files"] = {filename: manifest.sha256(data) for filename, data in files.items()}
+    entry["base"] = record.fingerprint
+    files[ADAPTER_MANIFEST] = (json.dumps(entry, indent=2) + "\n").encode()
+    return files, entry
+
+
+def save_pretrained(
+    adapter_model: AdapterModel,
+    directory: str | os.PathLike[str],
+    names: list[str],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    payloads, entries = {}, {}
+    for name in names:
+        payloads[name], entries[name] = adapter_files(adapter_model, name)
+    active = [name for name in adapter_model.active_adapters if name in names]
+    storage.save(Path(directory), payloads, entries, active, extra)
+
+
+# ------------------------------------------------------------------------ load
+def _parse_weights(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    try:
+        tensors = safetensors.torch.load(data)
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(
+            f"{path} is not a valid safetensors file ({error}); save the adapter again"
+        ) from None
+    shapes: Any = {}
+    if SHAPES_KEY in metadata:
+        try:
+            shapes = json.loads(metadata[SHAPES_KEY])
+        except (TypeError, json.JSONDecodeError):
+            shapes = None
+    valid = isinstance(shapes, dict) and all(
+        isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
+        for shape in shapes.values()
+    )
+    if not valid:
+        raise ValueError(
+            f"{path}: metadata key {SHAPES_KEY!r} is {metadata.get(SHAPES_KEY)!r}; it must map module names "
+            "to [vocabulary, width]. Save the adapter again."
+        )
+    not_float = sorted(key for key, tensor in tensors.items() if not tensor.is_floating_point())
+    if not_float:
+        raise ValueError(
+            f"{path} holds non-float tensors {not_float}; adapter weights are floats. Save it again."
+        )
+    return tensors, shapes
+
+
+def read_config(saved: storage.SavedAdapter) -> AdapterConfig:
+    path = saved.folder / CONFIG_FILE
+    data = manifest.load_json_object(path, saved.files[CONFIG_FILE])
+    if data.get("method") != saved.entry["method"]:
+        raise ValueError(
+            f"{path}: key 'method' is {data.get('method')!r} but {saved.listed_in} says "
+            f"{saved.entry['method']!r}; save the adapter again"
+        )
+    manager = get_plugin_manager()
+    if data["method"] not in manager.methods:
+        package = saved.entry.get("distribution")
+        hint = f"pip install {package}" if package else "install the plugin that provides it"
+        raise ValueError(
+            f"{path}: the adapter uses method {data['method']!r}, which no installed plugin provides "
+            f"(installed: {sorted(manager.methods)}); {hint}"
+        )
+    try:
+        return manager.config_from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def load_adapter(
+    adapter_model: AdapterModel,
+    saved: storage.SavedAdapter,
+    adapter_name: str,
+    is_trainable: bool = False,
+    strict: bool = True,
+) -> None:
+    """Add the verified adapter ``saved`` as ``adapter_name``; on any error the model is left as it was."""
+    config = read_config(saved)
+    tensors, saved_shapes = _parse_weights(saved.folder / WEIGHTS_FILE, saved.files[WEIGHTS_FILE])
+    modules = dict(named_base_modules(adapter_model.model))
+    for target, shape in saved_shapes.items():
+        weight = getattr(modules.get(target), "weight", None)
+        if weight is None or list(weight.shape) != shape:
+            have = "missing" if weight is None else f"of shape {tuple(weight.shape)}"
+            raise ValueError(
+                f"adapter {adapter_name!r} in {saved.folder} was saved for {target} of shape {tuple(shape)} "
+                f"(vocabulary {shape[0]}, width {shape[1]}), but this model's is {have}. Load it onto "
+                "the base model it was trained with (resize_token_embeddings to its tokenizer first)."
+            )
+    if "base" in saved.entry:
+        problems = base_mismatches(saved.entry["base"], adapter_model.model, saved.listed_in)
+        if problems and strict:
+            raise ValueError(
+                f"adapter {adapter_name!r} in {saved.folder} was trained on another base model: "
+                + "; ".join(problems)
+                + ". Load it onto that base (unmerged), or pass strict=False to load it anyway."
+            )
+        for problem in problems:
+            warnings.warn(f"adapter {adapter_name!r}: {problem} (loaded anyway, strict=False)", stacklevel=3)
+    adapter_model.add_adapter(adapter_name, config, is_trainable=is_trainable)
+    try:
+        _fill(adapter_model, adapter_name, tensors, saved.folder / WEIGHTS_FILE)
+    except Exception:
+        adapter_model.delete_adapter(adapter_name)
+        raise
+
+
+def _fill(adapter_model: AdapterModel, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected: dict[str, torch.Size] = {}
+    for site in adapter_model._records[name].sites:
+        for key, tensor in site.state.state_dict().items():
+            expected[f"{site.modules[0]}.{key}"] = tensor.shape
+    unexpected, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if unexpected or missing:
+        raise ValueError(
+            f"{path} does not hold what this adapter needs (unexpected tensors: {unexpected}; missing: "
+            f"{missing}); was it saved for another model or method version?"
+        )
+    wrong = [
+        f"{k} {tuple(t.shape)} (expected {tuple(expected[k])})"
+        for k, t in tensors.items()
+        if t.shape != expected[k]
+    ]
+    if wrong:
+        raise ValueError(f"{path} holds tensors of the wrong shape: {wrong}; save the adapter again")
+    for site in adapter_model._records[name].sites:
+        prefix = f"{site.modules[0]}."
+        state_dict = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        site.state.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,293 @@
+"""Folders of saved adapters that survive crashes and concurrent writers.
+
+How a save stays all-or-nothing (see docs/manifest.md):
+
+- each adapter's files go into a temporary folder, which is renamed into
+  place as ``<adapter>/<snapshot>``, named by a hash of its content; a
+  snapshot folder never changes after that rename;
+- ``manifest.json`` is the only root: one atomic ``os.replace`` switches the
+  folder from the old set of snapshots to the new one;
+- writers hold a ``filelock`` lock on the folder from reading the old
+  manifest to removing the snapshots it no longer names, so two writers never
+  lose each other's entries;
+- readers take no lock: they read the manifest, then the bytes of the files
+  it names; if a writer removed a snapshot in between, the manifest has
+  changed and they read again.
+
+A writer killed at any point leaves the old manifest and its snapshots
+intact; what it left (temporary folders, unnamed snapshots) is removed by the
+next writer, which holds the lock and so knows no other writer is running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from tt_core import manifest
+from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, FILENAME, Manifest
+
+LOCK_FILE = ".tt.lock"
+TEMPORARY_PREFIX = ".tt-tmp-"
+SNAPSHOT = re.compile(r"[0-9a-f]{16}")
+_READ_ATTEMPTS = 20
+
+
+class MissingFiles(ValueError):
+    """A file or folder the manifest names is gone (perhaps removed by a writer just now)."""
+
+
+@dataclasses.dataclass
+class SavedAdapter:
+    """One adapter's verified files, as read from disk."""
+
+    folder: Path
+    entry: dict[str, Any]
+    files: dict[str, bytes]
+    listed_in: Path
+
+
+@contextlib.contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Hold the writers' lock of ``root`` (a ``filelock`` lock, released by the OS if we die)."""
+    root.mkdir(parents=True, exist_ok=True)
+    # mode 0o666: the umask decides, so colleagues sharing the folder can take the lock too.
+    with filelock.FileLock(str(root / LOCK_FILE), mode=0o666):
+        yield
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write a new file (permissions from the umask) and flush it to the disk."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def temporary_folder(root: Path) -> Path:
+    """A new, empty folder in ``root`` that readers ignore and the next writer removes."""
+    folder = root / f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}"
+    os.mkdir(folder)  # honours the umask, unlike tempfile.mkdtemp's 0700
+    return folder
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def snapshot_name(files: dict[str, bytes]) -> str:
+    listing = "\n".join(f"{name} {manifest.sha256(data)}" for name, data in sorted(files.items()))
+    return manifest.sha256(listing.encode())[:16]
+
+
+def write_snapshot(root: Path, adapter: str, files: dict[str, bytes]) -> tuple[str, bool]:
+    """Put ``files`` in place as ``root/adapter/<snapshot>``; return that path and whether it is new.
+
+    Call with the lock held.
+    """
+    name = snapshot_name(files)
+    parent = root / adapter
+    if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+        raise ValueError(f"{parent} exists and is not a folder; move it away, or save under another name")
+    parent.mkdir(exist_ok=True)
+    destination = parent / name
+    temporary = temporary_folder(root)
+    try:
+        for filename, data in files.items():
+            write_file(temporary / filename, data)
+        _fsync_folder(temporary)
+        if destination.exists():
+            if _holds(destination, files):
+                return f"{adapter}/{name}", False  # the same content is already there, intact
+            os.rename(destination, temporary_folder(root) / "damaged")  # removed by collect_garbage
+        os.rename(temporary, destination)
+        _fsync_folder(parent)
+        return f"{adapter}/{name}", True
+    finally:
+        remove(temporary)
+
+
+def _holds(folder: Path, files: dict[str, bytes]) -> bool:
+    try:
+        names = {child.name for child in folder.iterdir()}
+        return names == set(files) and all((folder / n).read_bytes() == d for n, d in files.items())
+    except OSError:
+        return False
+
+
+def write_manifest(root: Path, document: Manifest) -> None:
+    """Replace ``root/manifest.json`` atomically."""
+    temporary = root / f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}.json"
+    try:
+        write_file(temporary, document.to_json())
+        os.replace(temporary, root / FILENAME)
+        _fsync_folder(root)
+    finally:
+        remove(temporary)
+
+
+def save(
+    root: Path,
+    payloads: dict[str, dict[str, bytes]],
+    entries: dict[str, dict[str, Any]],
+    active: list[str],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Save adapters into ``root`` all-or-nothing, keeping the adapters saved there before.
+
+    ``payloads[name]`` are the files of one adapter (its ``adapter_manifest.json``
+    included); ``entries[name]`` its manifest entry, without ``path``.
+    """
+    with locked(root):
+        old = manifest.read(root) if manifest.exists(root) else None  # refuses newer or damaged ones
+        created: list[Path] = []
+        try:
+            adapters = dict(old.adapters) if old else {}
+            for name, files in payloads.items():
+                relative, new = write_snapshot(root, name, files)
+                if new:
+                    created.append(root / relative)
+                adapters[name] = {"path": relative, **entries[name]}
+            kept = old.extra if old else {}
+            document = Manifest(manifest.FORMAT_VERSION, adapters, active, {**kept, **(extra or {})})
+            write_manifest(root, document)
+        except BaseException:
+            for folder in created:
+                remove(folder)
+            raise
+        collect_garbage(root, old, document)
+
+
+def collect_garbage(root: Path, old: Manifest | None, new: Manifest) -> list[Path]:
+    """Remove what no manifest names any more: temporary files, old snapshots, format-1 files.
+
+    Call with the lock held. Only files this package writes are touched, so a
+    folder shared with other content (a training output folder) keeps it.
+    """
+    referenced = {entry["path"] for entry in new.adapters.values()}
+    removed = [path for path in root.glob(f"{TEMPORARY_PREFIX}*")]
+    names = set(new.adapters) | set(old.adapters if old else ())
+    for name in sorted(names):
+        folder = root / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            if child.is_dir() and SNAPSHOT.fullmatch(child.name) and f"{name}/{child.name}" not in referenced:
+                removed.append(child)
+        old_entry = old.adapters.get(name) if old else None
+        if old_entry and old_entry["path"] == name and name not in referenced:
+            removed.extend(folder / filename for filename in old_entry["files"])  # a format-1 save
+    for path in removed:
+        remove(path)
+    for name in names:
+        with contextlib.suppress(OSError):
+            (root / name).rmdir()  # only if empty
+    return removed
+
+
+def _pick(root: Path, found: Manifest, adapter_name: str | None) -> str:
+    if adapter_name in found.adapters:
+        return adapter_name
+    if len(found.adapters) == 1:
+        return next(iter(found.adapters))
+    raise ValueError(
+        f"{root} holds adapters {sorted(found.adapters)}, not {adapter_name!r}; pass one of those names"
+    )
+
+
+def read_all(root: Path, adapter_name: str | None = None) -> tuple[Manifest, dict[str, SavedAdapter]]:
+    """One consistent reading of a saved folder: its manifest and the verified files of its adapters.
+
+    All adapters, or only ``adapter_name`` (or the only one). If a writer
+    replaces the folder's content meanwhile, the reading starts again.
+    """
+    listed_in = root / FILENAME
+    for _ in range(_READ_ATTEMPTS):
+        raw = listed_in.read_bytes()
+        found = manifest.parse(listed_in, raw)
+        names = list(found.adapters) if adapter_name is None else [_pick(root, found, adapter_name)]
+        extra = frozenset({ADAPTER_MANIFEST}) if found.format_version >= 2 else frozenset()
+        try:
+            adapters = {}
+            for name in names:
+                entry = found.adapters[name]
+                folder = manifest.inside(root, entry["path"])
+                adapters[name] = SavedAdapter(
+                    folder, entry, read_files(folder, entry, listed_in, extra), listed_in
+                )
+            return found, adapters
+        except MissingFiles:
+            if listed_in.read_bytes() == raw:
+                raise  # nobody is writing: the files are really gone
+    raise ValueError(f"{root} kept changing while it was read; try again when the writers are done")
+
+
+def _read_root(root: Path, adapter_name: str | None) -> SavedAdapter:
+    _, adapters = read_all(root, adapter_name)
+    return next(iter(adapters.values()))
+
+
+def read_files(
+    folder: Path, entry: dict[str, Any], listed_in: Path, extra: frozenset[str]
+) -> dict[str, bytes]:
+    """:func:`manifest.read_files`, telling missing files apart from damaged ones."""
+    if not folder.exists() and not folder.is_symlink():
+        raise MissingFiles(f"{folder} (listed in {listed_in}) is missing; save the adapter again")
+    try:
+        return manifest.read_files(folder, entry, listed_in, extra)
+    except FileNotFoundError as error:
+        raise MissingFiles(
+            f"{error.filename} (listed in {listed_in}) is missing; save the adapter again"
+        ) from None
+
+
+def read(path: Path, adapter_name: str | None = None) -> SavedAdapter:
+    """Find and verify one saved adapter under ``path``; every way in checks the hashes.
+
+    ``path`` is a folder written by ``save_pretrained`` (the adapter
+    ``adapter_name``, or its only adapter), one adapter's snapshot folder, or
+    (format 1) one adapter's folder.
+    """
+    if manifest.exists(path):
+        return _read_root(path, adapter_name)
+    own = path / ADAPTER_MANIFEST
+    if own.is_file():
+        entry = manifest.validate_entry(
+            own, path.name, manifest.load_json_object(own, own.read_bytes()), False
+        )
+        return SavedAdapter(path, entry, read_files(path, entry, own, frozenset({ADAPTER_MANIFEST})), own)
+    parent = path.parent
+    if manifest.exists(parent):
+        found = manifest.read(parent)
+        for name, entry in found.adapters.items():
+            if entry["path"] == path.name or entry["path"].startswith(f"{path.name}/"):
+                return _read_root(parent, name)
+    if (path / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"{path} has no {ADAPTER_MANIFEST} and no {FILENAME} beside it lists it, so its files cannot be "
+            "checked; load the folder save_pretrained() wrote, or save the adapter again"
+        )
+    raise ValueError(
+        f"{path} holds neither {FILENAME} nor {CONFIG_FILE}; pass a folder written by save_pretrained()"
+    )
