@@ -1,0 +1,428 @@
+"""A shared registry of published adapters: names, versions that never change, packaged adapters.
+
+Layout (see docs/registry.md)::
+
+    root/<name>/<version>/            one published version: a folder written like
+                                      save_pretrained's, holding the adapter <name>
+    root/<name>/<version>.removed     marks a removed version; numbers are never reused
+    root/.tt-tmp-*                    a publish in progress (or killed): ignored, removed by gc
+
+A version appears by one atomic rename of a complete folder, under the
+registry's ``filelock`` lock (which also hands out the numbers), and
+disappears by one rename to a temporary name, so a reader sees a version
+whole or not at all. Installed distributions can ship adapters through the
+entry-point group ``tt_core.adapters``; those are listed beside the local
+ones and are read-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from torch import nn
+
+from tt_core import manifest, serialization, storage
+from tt_core.manifest import ADAPTER_MANIFEST
+from tt_core.model import AdapterModel, check_adapter_name
+
+ENTRY_POINT_GROUP = "tt_core.adapters"
+PACKAGED_VERSION = 1
+_VERSION = re.compile(r"[1-9][0-9]*")
+_REMOVED = ".removed"
+
+
+def default_root() -> Path:
+    """``$TT_REGISTRY``, else the user's data folder (``platformdirs``)."""
+    configured = os.environ.get("TT_REGISTRY")
+    if configured:
+        return Path(configured)
+    return platformdirs.user_data_path("tt-adapters") / "registry"
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """One published version of an adapter."""
+
+    name: str
+    version: int
+    path: Path
+    method: str
+    description: str
+    published_at: str
+    source: str  # "local", or "package <distribution> <version>"
+    added_tokens: list[dict[str, Any]]
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        data["spec"] = self.spec
+        return data
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """``"name"`` -> (name, None); ``"name@3"`` -> (name, 3)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"an adapter is named by a string 'name' or 'name@version', got {spec!r}")
+    name, _, version = spec.partition("@")
+    check_adapter_name(name)
+    if not version:
+        return name, None
+    if not _VERSION.fullmatch(version):
+        raise ValueError(f"{spec!r}: the version after '@' must be a whole number >= 1, e.g. {name}@1")
+    return name, int(version)
+
+
+def added_tokens(tokenizer: Any) -> list[dict[str, Any]]:
+    """The tokens added to ``tokenizer`` (a transformers tokenizer), by id."""
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    vocabulary = tokenizer.get_added_vocab()
+    return [
+        {"content": content, "id": int(index), "special": content in special}
+        for content, index in sorted(vocabulary.items(), key=lambda item: item[1])
+    ]
+
+
+def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str) -> list[str]:
+    """Add the recorded tokens ``tokenizer`` lacks, at their recorded ids; return the ones added.
+
+    Refuses, changing nothing, when a token has another id here or the
+    missing ones cannot land on their ids.
+    """
+    vocabulary = tokenizer.get_vocab()
+    missing = []
+    for token in recorded:
+        have = vocabulary.get(token["content"])
+        if have is None:
+            missing.append(token)
+        elif have != token["id"]:
+            raise ValueError(
+                f"token {token['content']!r} has id {have} in this tokenizer but {token['id']} in {where}; "
+                "the adapter's rows would train the wrong token. Load the tokenizer it was published with."
+            )
+    missing.sort(key=lambda token: token["id"])
+    start = len(tokenizer)
+    wanted = [token["id"] for token in missing]
+    if wanted != list(range(start, start + len(missing))):
+        raise ValueError(
+            f"{where} needs tokens {[t['content'] for t in missing]} at ids {wanted}, but this tokenizer "
+            f"has {start} tokens, so they would land at {list(range(start, start + len(missing)))}. "
+            "Load the tokenizer the adapter was published with."
+        )
+    for token in missing:
+        tokenizer.add_tokens([token["content"]], special_tokens=token["special"])
+        if tokenizer.convert_tokens_to_ids(token["content"]) != token["id"]:
+            raise ValueError(f"token {token['content']!r} did not land at id {token['id']} in this tokenizer")
+    return [token["content"] for token in missing]
+
+
+class Registry:
+    """Published adapters under ``root`` (default: :func:`default_root`)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    # ------------------------------------------------------------ publishing
+    def publish(
+        self,
+        adapter_model: AdapterModel,
+        name: str,
+        adapter: str | None = None,
+        tokenizer: Any = None,
+        description: str = "",
+    ) -> int:
+        """Publish one adapter of ``adapter_model`` as a new version of ``name``; return the version.
+
+        ``adapter`` defaults to the model's only adapter (or its only active
+        one). With ``tokenizer``, the tokens added to it are recorded, so
+        :meth:`load` can add them to another tokenizer at the same ids.
+        """
+        if adapter is None:
+            candidates = adapter_model.adapters
+            if len(candidates) != 1:
+                candidates = adapter_model.active_adapters
+            if len(candidates) != 1:
+                raise ValueError(
+                    f"the model has adapters {adapter_model.adapters}; say which to publish with adapter=..."
+                )
+            adapter = candidates[0]
+        adapter_model._check_known([adapter])
+        files, entry = serialization.adapter_files(adapter_model, adapter)
+        tokens = added_tokens(tokenizer) if tokenizer is not None else []
+        return self._publish(name, files, entry, description, tokens)
+
+    def publish_folder(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        adapter: str | None = None,
+        description: str = "",
+        tokenizer: Any = None,
+    ) -> int:
+        """Publish an adapter saved by ``save_pretrained`` (checked first) as a new version of ``name``."""
+        saved = storage.read(Path(path), adapter)
+        serialization.read_config(saved)
+        entry = {key: value for key, value in saved.entry.items() if key != "path"}
+        files = dict(saved.files)
+        files[ADAPTER_MANIFEST] = (json.dumps(entry, indent=2) + "\n").encode()
+        tokens = added_tokens(tokenizer) if tokenizer is not None else []
+        return self._publish(name, files, entry, description, tokens)
+
+    def _publish(
+        self,
+        name: str,
+        files: dict[str, bytes],
+        entry: dict[str, Any],
+        description: str,
+        tokens: list[dict[str, Any]],
+    ) -> int:
+        check_adapter_name(name)
+        if not isinstance(description, str):
+            raise TypeError(f"description must be a string, got {description!r}")
+        if name in self._packaged():
+            source = self._packaged()[name].source
+            raise ValueError(f"{name!r} is provided read-only by {source}; publish under another name")
+        self.root.mkdir(parents=True, exist_ok=True)
+        published = {
+            "description": description,
+            "published_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "added_tokens": tokens,
+        }
+        # Under the lock: the number is handed out once, and gc() knows no publish is running.
+        with storage.locked(self.root):
+            staging = storage.temporary_folder(self.root)
+            try:
+                storage.save(staging, {name: files}, {name: entry}, [name], {"published": published})
+                storage.remove(staging / storage.LOCK_FILE)  # nobody writes a published version
+                folder = self.root / name
+                folder.mkdir(exist_ok=True)
+                version = max(self._numbers(name, include_removed=True), default=0) + 1
+                os.rename(staging, folder / str(version))
+                return version
+            finally:
+                storage.remove(staging)
+
+    # --------------------------------------------------------------- reading
+    def _numbers(self, name: str, include_removed: bool = False) -> list[int]:
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        numbers = []
+        for child in folder.iterdir():
+            stem = child.name.removesuffix(_REMOVED) if include_removed else child.name
+            if _VERSION.fullmatch(stem) and (child.is_dir() or stem != child.name):
+                numbers.append(int(stem))
+        return sorted(numbers)
+
+    def _packaged(self) -> dict[str, Published]:
+        found = {}
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                check_adapter_name(entry_point.name)
+                target: Any = entry_point.load()
+                path = Path(target() if callable(target) else target)
+            except Exception as error:  # a broken package must not hide the rest of the registry
+                found[entry_point.name] = Published(
+                    entry_point.name, PACKAGED_VERSION, Path(), "?", f"broken: {error}", "", "broken", []
+                )
+                continue
+            dist = entry_point.dist
+            source = f"package {dist.name} {dist.version}" if dist else f"package {entry_point.value}"
+            found[entry_point.name] = self._describe(entry_point.name, PACKAGED_VERSION, path, source)
+        return found
+
+    def _describe(self, name: str, version: int, path: Path, source: str) -> Published:
+        found = manifest.read(path)
+        entry = next(iter(found.adapters.values()))
+        published = found.extra.get("published")
+        published = published if isinstance(published, dict) else {}
+        return Published(
+            name=name,
+            version=version,
+            path=path,
+            method=str(entry.get("method", "?")),
+            description=str(published.get("description", "")),
+            published_at=str(published.get("published_at", "")),
+            source=source,
+            added_tokens=list(published.get("added_tokens", [])),
+        )
+
+    def names(self) -> list[str]:
+        """Every adapter name: local ones and packaged ones."""
+        local = []
+        if self.root.is_dir():
+            local = [
+                child.name
+                for child in self.root.iterdir()
+                if child.is_dir() and not child.name.startswith(".") and self._numbers(child.name)
+            ]
+        return sorted(set(local) | set(self._packaged()))
+
+    def versions(self, name: str) -> list[int]:
+        """The published versions of ``name`` that still exist, oldest first."""
+        check_adapter_name(name)
+        if name in self._packaged():
+            return [PACKAGED_VERSION]
+        return self._numbers(name)
+
+    def info(self, spec: str) -> Published:
+        """What ``"name"`` (the newest version) or ``"name@version"`` is."""
+        name, version = parse_spec(spec)
+        packaged = self._packaged()
+        if name in packaged:
+            if version not in (None, PACKAGED_VERSION):
+                raise ValueError(f"{name!r} is packaged ({packaged[name].source}) and has only version 1")
+            if packaged[name].source == "broken":
+                raise ValueError(f"packaged adapter {name!r} cannot be read: {packaged[name].description}")
+            return packaged[name]
+        versions = self._numbers(name)
+        if not versions:
+            raise ValueError(
+                f"no adapter {name!r} in the registry at {self.root} (it has: {self.names()}); "
+                "publish it first"
+            )
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise ValueError(f"{name!r} has no version {version} in {self.root} (versions: {versions})")
+        try:
+            return self._describe(name, version, self.root / name / str(version), "local")
+        except FileNotFoundError:
+            raise ValueError(f"{name}@{version} was removed while it was being read") from None
+
+    # --------------------------------------------------------------- loading
+    def load(
+        self,
+        base_model: nn.Module,
+        specs: str | list[str],
+        into: AdapterModel | None = None,
+        tokenizer: Any = None,
+        is_trainable: bool = False,
+        strict: bool = True,
+    ) -> AdapterModel:
+        """Load published adapters, stacked in the given order.
+
+        Returns a new AdapterModel on ``base_model`` with those adapters
+        active, or, with ``into``, adds them (inactive) to that one. With
+        ``tokenizer``, the tokens recorded at publishing are added to it at
+        the same ids and the model's embeddings are resized to match. On any
+        error the model is left as it was.
+        """
+        spec_list = [specs] if isinstance(specs, str) else list(specs)
+        infos = [self.info(spec) for spec in spec_list]
+        names = [info.name for info in infos]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{spec_list} names one adapter twice; an adapter model holds each name once")
+        saved = {}
+        for info in infos:
+            try:
+                saved[info.name] = storage.read_all(info.path)[1][info.name]
+            except (FileNotFoundError, storage.MissingFiles):
+                raise ValueError(f"{info.spec} was removed while it was being loaded") from None
+            serialization.read_config(saved[info.name])
+        if tokenizer is not None:
+            self._prepare_tokenizer(base_model, into, tokenizer, infos)
+        target = into if into is not None else AdapterModel(base_model)
+        loaded: list[str] = []
+        try:
+            for info in infos:
+                serialization.load_adapter(target, saved[info.name], info.name, is_trainable, strict)
+                loaded.append(info.name)
+        except BaseException:
+            for name in loaded:
+                target.delete_adapter(name)
+            if into is None:
+                target._unload()
+            raise
+        if into is None:
+            target.set_adapter(names)
+            if not is_trainable:
+                target.eval()
+        return target
+
+    def _prepare_tokenizer(
+        self, base_model: nn.Module, into: AdapterModel | None, tokenizer: Any, infos: list[Published]
+    ) -> None:
+        for info in infos:
+            sync_tokenizer(tokenizer, info.added_tokens, info.spec)
+        model: Any = into.model if into is not None else base_model
+        rows = int(model.get_input_embeddings().weight.shape[0])
+        if rows < len(tokenizer):
+            if into is not None and into.adapters:
+                raise ValueError(
+                    f"the tokenizer now has {len(tokenizer)} tokens but the model's embedding {rows} rows, "
+                    "and a model carrying adapters cannot be resized; resize before adding adapters"
+                )
+            model.resize_token_embeddings(len(tokenizer))
+
+    # -------------------------------------------------------------- removing
+    def remove(self, spec: str) -> None:
+        """Remove one version (``"name@version"``); its number is never given out again."""
+        name, version = parse_spec(spec)
+        if version is None:
+            raise ValueError(
+                f"say which version of {name!r} to remove, e.g. {name}@1 (versions: {self.versions(name)})"
+            )
+        if name in self._packaged():
+            raise ValueError(
+                f"{name!r} is provided read-only by {self._packaged()[name].source}; uninstall it instead"
+            )
+        with storage.locked(self.root):
+            folder = self.root / name / str(version)
+            if not folder.is_dir():
+                raise ValueError(
+                    f"{name!r} has no version {version} in {self.root} (versions: {self.versions(name)})"
+                )
+            storage.write_file(self.root / name / f"{version}{_REMOVED}", b"")
+            doomed = storage.temporary_folder(self.root)
+            os.rename(folder, doomed / "removed")
+        storage.remove(doomed)
+
+    def verify(self) -> list[str]:
+        """Check every version's files and manifest; return one line per problem (empty when all is well)."""
+        problems = []
+        for name in self.names():
+            for version in self.versions(name):
+                spec = f"{name}@{version}"
+                try:
+                    info = self.info(spec)
+                    _, saved = storage.read_all(info.path)
+                    for adapter in saved.values():
+                        serialization.read_config(adapter)
+                except (OSError, ValueError) as error:
+                    problems.append(f"{spec}: {error}")
+        return problems
+
+    def gc(self) -> list[Path]:
+        """Remove what killed publishes left behind; return what was removed."""
+        if not self.root.is_dir():
+            return []
+        with storage.locked(self.root):
+            leftovers = sorted(self.root.glob(f"{storage.TEMPORARY_PREFIX}*"))
+            for path in leftovers:
+                storage.remove(path)
+        return leftovers
+
+    def list(self) -> list[Published]:
+        """The newest version of every adapter."""
+        found = []
+        for name in self.names():
+            try:
+                found.append(self.info(name))
+            except ValueError:
+                continue  # removed meanwhile, or a broken package (verify() reports those)
+        return found
