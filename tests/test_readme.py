@@ -13,3 +13,4 @@ def test_the_readme_tour_runs(capsys):
     out = capsys.readouterr().out
     assert "trainable params: 768" in out
     assert "['default', 'chat', 'style'] ['default', 'chat', 'style']" in out
+    assert "['tool-tags@1']" in out

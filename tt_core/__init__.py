@@ -8,6 +8,7 @@ from tt_core.config import AdapterConfig  # noqa: E402
 from tt_core.layer import AdapterLayer, AdapterState  # noqa: E402
 from tt_core.model import AdapterModel, get_adapter_model  # noqa: E402
 from tt_core.plugins import get_plugin_manager  # noqa: E402
+from tt_core.registry import Registry  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
@@ -15,6 +16,7 @@ __all__ = [
     "AdapterModel",
     "AdapterState",
     "get_adapter_model",
+    "Registry",
     "get_plugin_manager",
     "hookimpl",
 ]
