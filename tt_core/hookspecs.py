@@ -1,10 +1,12 @@
 """The hook contract between tt_core and adapter-method plugins.
 
 A method plugin is a module or object with functions marked ``@tt_core.hookimpl``
-and named after the specs below. Every hook except ``register_methods`` is
-``firstresult``: a plugin answers only for its own config or layer class and
-returns ``None`` for anything else, so the first plugin that recognises the
-object decides.
+and named after the specs below. The core asks a method's hooks only of the
+plugin that registered that method, then of the core defaults
+(:mod:`tt_core.defaults`), so a plugin never sees another method's configs
+and implements only what differs from the defaults. Every hook except
+``register_methods`` is ``firstresult``: the plugin's answer wins, ``None``
+falls through to the default.
 
 The order of calls when ``add_adapter`` runs for a config::
 
@@ -12,7 +14,7 @@ The order of calls when ``add_adapter`` runs for a config::
     create_layer(config, adapter_name, name, base)  -> one AdapterState per target
     tie_handler(model, config, name, base)          -> modules that share its weight
 
-and on ``merge_adapter`` / ``unmerge_adapter``::
+and on ``merge_adapter`` / ``unmerge_adapter``, once per adapted weight::
 
     merge(state, weight, unmerge)                    -> True once done
 """
@@ -36,12 +38,13 @@ hookspec = pluggy.HookspecMarker("tt_core")
 
 @hookspec
 def register_methods(register: MethodRegister) -> None:
-    """Declare the adapter methods this plugin provides.
+    """Declare the adapter methods this plugin provides. Required.
 
-    Call ``register(name, config_class)`` once per method. ``name`` is what
-    manifests and ``adapter_config.json`` store as ``method``;
-    ``config_class`` must subclass :class:`tt_core.AdapterConfig` and set its
-    ``method`` class attribute to the same name.
+    Call ``register(ConfigClass)`` once per method. The method's name is the
+    config class's ``method`` attribute; manifests and ``adapter_config.json``
+    store it. ``ConfigClass`` must subclass :class:`tt_core.AdapterConfig`.
+    Called once, when the plugin is registered; a name another plugin already
+    owns gets this plugin skipped and reported.
     """
 
 
@@ -49,8 +52,7 @@ def register_methods(register: MethodRegister) -> None:
 def detect_target(model: nn.Module, config: AdapterConfig) -> list[str] | None:
     """Return the full names of the modules to wrap for ``config``.
 
-    Answer only for your own config class. Most methods call
-    :func:`tt_core.targets.resolve_targets`, which honours
+    Default: :func:`tt_core.targets.resolve_targets`, which honours
     ``config.target_modules`` and otherwise picks the module that
     ``model.get_input_embeddings()`` returns. Raise ``ValueError`` for a target
     that does not exist, naming the modules that do.
@@ -61,7 +63,7 @@ def detect_target(model: nn.Module, config: AdapterConfig) -> list[str] | None:
 def create_layer(
     config: AdapterConfig, adapter_name: str, target_name: str, base_layer: nn.Module
 ) -> AdapterState | None:
-    """Return the adapter state (an :class:`tt_core.AdapterState`) for one base module.
+    """Return the adapter state (an :class:`tt_core.AdapterState`) for one base module. Required.
 
     Validate the config against ``base_layer`` here (index ranges, shapes) and
     raise ``ValueError`` with the fix; the model has not been touched yet, so
@@ -76,19 +78,24 @@ def tie_handler(
 ) -> list[str] | None:
     """Return the names of other modules that must share the target's adapter state.
 
-    Typically the modules holding the very same weight Parameter (a tied LM
+    Default: every module holding the very same weight Parameter (a tied LM
     head, T5's encoder and decoder embeddings), found with
-    :func:`tt_core.targets.find_tied_modules`. Every returned module is wrapped
-    with the *same* state object, so its parameters exist, train and save
-    once. Return ``[]`` to share with nothing.
+    :func:`tt_core.targets.find_tied_modules`. Every returned module is
+    wrapped with the *same* state object, so its parameters exist, train and
+    save once. A plugin may decline a tie (leave a module out); then merging
+    into the shared weight would change that module's outputs, so the core
+    refuses to merge such an adapter, with an error saying why.
     """
 
 
 @hookspec(firstresult=True)
-def merge(state: AdapterState, weight: torch.nn.Parameter, unmerge: bool) -> bool | None:
+def merge(state: AdapterState, weight: torch.Tensor, unmerge: bool) -> bool | None:
     """Fold ``state`` into ``weight`` in place (``unmerge=False``), or undo that.
 
-    Called once per state, however many modules share the weight. Keep
-    whatever is needed to undo the merge exactly; the core unmerges in the
-    reverse order of merging. Return ``True`` when handled.
+    Default: ``state.merge_into(weight)`` / ``state.unmerge_from(weight)``.
+    Called once per adapted weight, however many modules share it, with the
+    weight the model holds now. Keep whatever is needed to undo the merge
+    exactly; the core unmerges in the reverse order of merging. Return
+    ``True`` when handled; anything else is an error and the core undoes the
+    merges it already made.
     """

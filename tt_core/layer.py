@@ -56,6 +56,18 @@ class AdapterState(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot adapt a linear layer")
 
+    def merge_into(self, weight: torch.Tensor) -> None:
+        """Fold this adapter into ``weight`` in place, keeping what :meth:`unmerge_from` needs.
+
+        The core's default ``merge`` hook calls this; a plugin may answer the
+        hook itself instead.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged: implement merge_into")
+
+    def unmerge_from(self, weight: torch.Tensor) -> None:
+        """Undo :meth:`merge_into` on ``weight``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged: implement unmerge_from")
+
     def commutes_with(self, other: AdapterState) -> bool:
         """Whether applying the two adapters in either order gives the same weight."""
         if self.additive and other.additive:

@@ -20,7 +20,7 @@ from tt_core import manifest, serialization, storage
 from tt_core.config import AdapterConfig
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.plugins import get_plugin_manager
-from tt_core.targets import named_base_modules
+from tt_core.targets import find_tied_modules, named_base_modules
 
 #: Adapter names key modules and name folders on disk; this keeps them safe as both.
 MAX_NAME_LENGTH = 64
@@ -54,8 +54,14 @@ class _Site:
     """One adapter state on one base weight, and every module name that uses it."""
 
     state: AdapterState
-    weight: nn.Parameter
     modules: list[str]
+    declined: list[str]  # modules holding the same weight that the plugin chose not to adapt
+
+    def weight(self, model: nn.Module) -> torch.Tensor:
+        """The weight as the model holds it now; never cached, since
+        ``load_state_dict(..., assign=True)`` puts new Parameters in place."""
+        module = model.get_submodule(self.modules[0])
+        return module.base_layer.weight if isinstance(module, AdapterLayer) else module.weight  # type: ignore[return-value]
 
 
 @dataclasses.dataclass
@@ -68,8 +74,13 @@ class _Record:
     fingerprint: dict[str, Any]  # of the base it was added to, written into saves
 
 
-def _names(adapter_names: str | list[str]) -> list[str]:
-    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+def _names(value: object, argument: str = "adapter_names") -> list[str]:
+    """A name or a list of names as a list; anything else is a TypeError naming the argument."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        return list(value)
+    raise TypeError(f"{argument} must be an adapter name or a list of adapter names, got {value!r}")
 
 
 def _call_model(adapter_model: AdapterModel, *args: Any, **kwargs: Any) -> Any:
@@ -107,6 +118,7 @@ class AdapterModel(nn.Module):
             )
         self.model = model
         self._records: dict[str, _Record] = {}
+        self._disabled = 0  # depth of disable_adapter() blocks
         self._active: list[str] = []
         self._merged: list[str] = []  # in the order they were merged
         self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -142,8 +154,8 @@ class AdapterModel(nn.Module):
             )
         config = copy.deepcopy(config)  # later edits to the caller's object change nothing here
         manager = get_plugin_manager()
-        manager.method_for(config)
-        targets = manager.hook.detect_target(model=self.model, config=config)
+        hooks = manager.hooks_for(manager.method_for(config).name)
+        targets = hooks.detect_target(model=self.model, config=config)
         if not targets:
             raise ValueError(f"no plugin found a module to adapt for method {config.method!r}")
         modules = dict(named_base_modules(self.model))
@@ -153,15 +165,22 @@ class AdapterModel(nn.Module):
             if target in covered:
                 continue  # already shares the state of an earlier, tied target
             base_layer = modules[target]
-            state = manager.hook.create_layer(
+            state = hooks.create_layer(
                 config=config, adapter_name=adapter_name, target_name=target, base_layer=base_layer
             )
             if state is None:
                 raise ValueError(f"no plugin creates a {config.method!r} layer for {target!r}")
-            tied = manager.hook.tie_handler(
+            if not isinstance(state, AdapterState):
+                raise TypeError(
+                    f"the create_layer hook of method {config.method!r} returned {type(state).__name__}, "
+                    "not a tt_core.AdapterState"
+                )
+            tied = hooks.tie_handler(
                 model=self.model, config=config, target_name=target, base_layer=base_layer
             )
-            site = _Site(state, base_layer.weight, [target, *(tied or [])])  # type: ignore[arg-type]
+            shared = find_tied_modules(self.model, target)
+            declined = [name for name in shared if name not in tied]
+            site = _Site(state, [target, *tied], declined)
             for name in site.modules:
                 AdapterLayer.check_wrappable(name, modules[name])
             covered.update(site.modules)
@@ -208,15 +227,23 @@ class AdapterModel(nn.Module):
         if repeated:
             raise ValueError(f"adapter(s) {repeated} named more than once in {names}")
 
+    def _refuse_while_disabled(self, verb: str) -> None:
+        if self._disabled:
+            raise RuntimeError(
+                f"{verb}() cannot run inside `with disable_adapter():`, which restores the adapters "
+                "and merges it found when the block ends; call it after the block"
+            )
+
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Activate these adapters, stacked in the given order; only they train."""
         names = _names(adapter_names)
         self._check_known(names)
+        self._refuse_while_disabled("set_adapter")
         if self._merged:
             warnings.warn(
                 f"adapters {self._merged} are merged; unmerging them before switching", stacklevel=2
             )
-            self.unmerge_adapter()
+            self._unmerge_all()
         self._activate(names)
 
     def _activate(self, names: list[str]) -> None:
@@ -230,10 +257,11 @@ class AdapterModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; wrappers left with no adapter give the base module back."""
-        self._check_known([adapter_name])
+        self._check_known(_names(adapter_name, "adapter_name")[:1])
+        self._refuse_while_disabled("delete_adapter")
         merged = list(self._merged)
         if adapter_name in merged:
-            self.unmerge_adapter()
+            self._unmerge_all()
         for parent, child_name, wrapper in self._wrappers():
             if adapter_name in wrapper.adapters:
                 del wrapper.adapters[adapter_name]
@@ -249,12 +277,21 @@ class AdapterModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model behaves as the base model; merges come back after."""
+        if self._disabled:  # nested: the outer block restores
+            self._disabled += 1
+            try:
+                yield
+            finally:
+                self._disabled -= 1
+            return
         merged, active = list(self._merged), list(self._active)
-        self.unmerge_adapter()
+        self._unmerge_all()
         self._activate([])
+        self._disabled = 1
         try:
             yield
         finally:
+            self._disabled = 0
             self._activate(active)
             for name in merged:
                 self._merge_one(name)
@@ -275,7 +312,8 @@ class AdapterModel(nn.Module):
                     continue
                 for site_a in self._records[first].sites:
                     for site_b in self._records[second].sites:
-                        if site_a.weight is site_b.weight and not site_a.state.commutes_with(site_b.state):
+                        same = site_a.weight(self.model) is site_b.weight(self.model)
+                        if same and not site_a.state.commutes_with(site_b.state):
                             conflicts.append((first, second, site_a.modules[0]))
         if conflicts:
             lines = [
@@ -292,31 +330,101 @@ class AdapterModel(nn.Module):
                 "or reorder the stack with set_adapter() first. Nothing was merged."
             )
 
-    def _check_finite(self, names: list[str]) -> None:
+    def _method_hooks(self, name: str) -> Any:
+        manager = get_plugin_manager()
+        return manager.hooks_for(manager.method_for(self._records[name].config).name)
+
+    def _check_ties(self, names: list[str]) -> None:
+        """Refuse to merge an adapter whose plugin declined a module sharing the weight."""
         for name in names:
             for site in self._records[name].sites:
-                for param_name, tensor in site.state.state_dict().items():
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if site.declined:
+                    raise ValueError(
+                        f"adapter {name!r} ({self._records[name].config.method}) adapts {site.modules} but "
+                        f"not {site.declined}, which hold the same weight: merging it would change their "
+                        "outputs too. Use it unmerged, or have the plugin's tie_handler share it with them. "
+                        "Nothing was merged."
+                    )
+
+    def _check_merge_writes(self, names: list[str]) -> None:
+        """safe_merge: merge into copies of the weights, in their dtype, and refuse NaN or inf."""
+        copies: dict[int, torch.Tensor] = {}
+        applied: list[tuple[Any, _Site, torch.Tensor]] = []
+        try:
+            for name in names:
+                hooks = self._method_hooks(name)
+                for site in self._records[name].sites:
+                    weight = site.weight(self.model)
+                    copy_ = copies.setdefault(id(weight), weight.detach().clone())
+                    self._call_merge(hooks, name, site, copy_, unmerge=False)
+                    applied.append((hooks, site, copy_))
+                    if not bool(torch.isfinite(copy_).all()):
+                        dtype = str(copy_.dtype).removeprefix("torch.")
                         raise ValueError(
-                            f"adapter {name!r} holds NaN or inf in {param_name} (on {site.modules[0]}); "
-                            "safe_merge refused to merge it and no weight was changed"
+                            f"merging adapter {name!r} would write NaN or inf into {site.modules[0]}.weight "
+                            f"({dtype}); safe_merge refused it and no weight was changed"
                         )
+        finally:
+            for hooks, site, copy_ in reversed(applied):
+                self._call_merge(hooks, "", site, copy_, unmerge=True)
+
+    def _call_merge(self, hooks: Any, name: str, site: _Site, weight: torch.Tensor, unmerge: bool) -> None:
+        if hooks.merge(state=site.state, weight=weight, unmerge=unmerge) is not True:
+            verb = "unmerge" if unmerge else "merge"
+            raise RuntimeError(
+                f"the merge hook of {type(site.state).__name__} did not {verb} {site.modules[0]} (it must "
+                "return True once done)"
+            )
 
     def _merge_one(self, name: str) -> None:
-        hook = get_plugin_manager().hook.merge
-        for site in self._records[name].sites:
-            if not hook(state=site.state, weight=site.weight, unmerge=False):
-                raise RuntimeError(f"no plugin merges {type(site.state).__name__}")
-            site.state.merged = True
+        """Merge one adapter on every site, or on none."""
+        hooks = self._method_hooks(name)
+        done: list[_Site] = []
+        try:
+            for site in self._records[name].sites:
+                self._call_merge(hooks, name, site, site.weight(self.model), unmerge=False)
+                site.state.merged = True
+                done.append(site)
+        except BaseException:
+            for site in reversed(done):
+                self._call_merge(hooks, name, site, site.weight(self.model), unmerge=True)
+                site.state.merged = False
+            raise
         self._merged.append(name)
+
+    def _unmerge_last(self) -> None:
+        name = self._merged[-1]
+        hooks = self._method_hooks(name)
+        for site in reversed(self._records[name].sites):
+            self._call_merge(hooks, name, site, site.weight(self.model), unmerge=True)
+            site.state.merged = False
+        self._merged.pop()
+
+    def _unmerge_all(self) -> None:
+        while self._merged:
+            self._unmerge_last()
+
+    def _merge_all_or_none(self, names: list[str]) -> None:
+        count = len(self._merged)
+        try:
+            for name in names:
+                self._merge_one(name)
+        except BaseException:
+            while len(self._merged) > count:
+                self._unmerge_last()
+            raise
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold active adapters (default: all) into the base weights; outputs stay the same.
 
         A merge that would change the outputs is refused and nothing changes.
+        With ``safe_merge=True`` the merge is first tried on copies of the
+        weights (in their dtype, costing one copy of each) and refused if it
+        would write NaN or inf.
         """
         names = self.active_adapters if adapter_names is None else _names(adapter_names)
         self._check_known(names)
+        self._refuse_while_disabled("merge_adapter")
         inactive = [name for name in names if name not in self._active]
         if inactive:
             raise ValueError(
@@ -326,19 +434,15 @@ class AdapterModel(nn.Module):
             )
         new = [name for name in self._active if name in names and name not in self._merged]
         self._check_merge_order(self._merged + new)
+        self._check_ties(new)
         if safe_merge:
-            self._check_finite(new)
-        for name in new:
-            self._merge_one(name)
+            self._check_merge_writes(new)
+        self._merge_all_or_none(new)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge, newest first; trainable-token rows come back bit for bit."""
-        hook = get_plugin_manager().hook.merge
-        while self._merged:
-            name = self._merged.pop()
-            for site in reversed(self._records[name].sites):
-                hook(state=site.state, weight=site.weight, unmerge=True)
-                site.state.merged = False
+        self._refuse_while_disabled("unmerge_adapter")
+        self._unmerge_all()
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -349,16 +453,23 @@ class AdapterModel(nn.Module):
         """Return the base model with these adapters (default: the active stack) folded in, in order."""
         names = self.active_adapters if adapter_names is None else _names(adapter_names)
         self._check_known(names)
-        if safe_merge:
-            self._check_finite(names)
-        self.unmerge_adapter()
-        for name in names:
-            self._merge_one(name)
+        self._refuse_while_disabled("merge_and_unload")
+        self._check_ties(names)
+        merged = list(self._merged)
+        self._unmerge_all()
+        try:
+            if safe_merge:
+                self._check_merge_writes(names)
+            self._merge_all_or_none(names)
+        except BaseException:
+            self._merge_all_or_none(merged)
+            raise
         return self._unload()
 
     def unload(self) -> nn.Module:
         """Return the base model as it was, without any adapter."""
-        self.unmerge_adapter()
+        self._refuse_while_disabled("unload")
+        self._unmerge_all()
         return self._unload()
 
     def _unload(self) -> nn.Module:
@@ -400,7 +511,7 @@ class AdapterModel(nn.Module):
         Writes ``manifest.json`` and one folder per adapter (config, safetensors,
         hashes); adapters saved there before are kept. See docs/manifest.md.
         """
-        names = self.adapters if selected_adapters is None else _names(selected_adapters)
+        names = self.adapters if selected_adapters is None else _names(selected_adapters, "selected_adapters")
         self._check_known(names)
         serialization.save_pretrained(self, save_directory, names)
 

@@ -1,9 +1,17 @@
-"""The plugin manager: entry-point plugins, run-time plugins, and their methods.
+"""The plugin manager: entry-point plugins, run-time plugins, and the methods they own.
 
-Plugins come from the entry-point group ``tt_core.plugins`` and from objects
-registered at run time (``get_plugin_manager().register(obj)``). A plugin that
-fails to import or to validate is reported by name with its error and skipped;
-set ``TT_STRICT_PLUGINS=1`` to turn that into an exception.
+Plugins come from the entry-point group ``tt_core.plugins`` (loaded with
+pluggy's own loader, which records each plugin's distribution) and from
+objects registered at run time (``get_plugin_manager().register(obj)``). Each
+plugin's ``register_methods`` hook is called once, when it is registered. A
+plugin that fails to import, registers a bad method, or claims a method name
+another plugin owns is reported by name with its error and skipped; set
+``TT_STRICT_PLUGINS=1`` to turn that into an exception, and
+``TT_DISABLE_PLUGINS=a,b`` to leave plugins out by name.
+
+The core asks a method's hooks only of the plugin that registered the method
+(and of the core defaults in :mod:`tt_core.defaults`, called last), through
+:meth:`PluginManager.hooks_for`. So no plugin can answer for another's config.
 """
 
 from __future__ import annotations
@@ -16,10 +24,11 @@ from typing import Any
 
 import pluggy
 
-from tt_core import hookspecs
+from tt_core import defaults, hookspecs
 from tt_core.config import AdapterConfig
 
 ENTRY_POINT_GROUP = "tt_core.plugins"
+DEFAULTS_NAME = "tt_core.defaults"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,19 +43,24 @@ class Method:
 
 
 class MethodRegister:
-    """Handed to ``register_methods``; a plugin calls it once per method."""
+    """Handed to ``register_methods``; a plugin calls it once per config class."""
 
     def __init__(self, plugin_name: str) -> None:
         self.plugin_name = plugin_name
         self.methods: list[Method] = []
 
-    def __call__(self, name: str, config_class: type[AdapterConfig]) -> None:
+    def __call__(self, config_class: type[AdapterConfig], *extra: Any) -> None:
+        if extra:
+            raise TypeError(
+                "register() takes only the config class; the method's name is its `method` class "
+                f"attribute (got register({config_class!r}, {', '.join(map(repr, extra))}))"
+            )
         if not (isinstance(config_class, type) and issubclass(config_class, AdapterConfig)):
-            raise TypeError(f"config_class for method {name!r} must subclass tt_core.AdapterConfig")
-        if config_class.method != name:
+            raise TypeError(f"register() needs a subclass of tt_core.AdapterConfig, got {config_class!r}")
+        name = config_class.method
+        if not isinstance(name, str) or not name:
             raise ValueError(
-                f"method {name!r} is registered with {config_class.__name__}, whose "
-                f"method attribute is {config_class.method!r}; make them equal"
+                f"{config_class.__name__} must set the class attribute `method` to the method's name"
             )
         self.methods.append(Method(name, config_class, self.plugin_name))
 
@@ -58,31 +72,65 @@ class PluginManager(pluggy.PluginManager):
         super().__init__("tt_core")
         self.add_hookspecs(hookspecs)
         self.failures: list[tuple[str, str]] = []
-        self.distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (package, version)
-        self._methods: dict[str, Method] | None = None
+        self._methods: dict[str, Method] = {}
+        self._callers: dict[str, _MethodHooks] = {}
+        self.register(defaults, name=DEFAULTS_NAME)
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
-        self._methods = None
-        return super().register(plugin, name)
+        """Register ``plugin`` and the methods it declares; a bad declaration unregisters it."""
+        plugin_name = super().register(plugin, name)
+        if plugin_name is None:  # blocked
+            return None
+        try:
+            methods = self._declared(plugin_name, plugin)
+        except Exception:
+            super().unregister(plugin)
+            raise
+        for method in methods:
+            self._methods[method.name] = method
+        self._callers.clear()
+        return plugin_name
+
+    def _declared(self, plugin_name: str, plugin: object) -> list[Method]:
+        register = MethodRegister(plugin_name)
+        others = [p for p in self.get_plugins() if p is not plugin]
+        self.subset_hook_caller("register_methods", others)(register=register)
+        for method in register.methods:
+            owner = self._methods.get(method.name)
+            if owner is not None:
+                raise ValueError(
+                    f"method {method.name!r} is already provided by plugin {owner.plugin!r}"
+                    f"{self._from(owner.plugin)}; uninstall one of them, or set "
+                    f"TT_DISABLE_PLUGINS={plugin_name}"
+                )
+        names = [method.name for method in register.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"plugin {plugin_name!r} registers a method name twice: {names}")
+        return register.methods
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
-        self._methods = None
-        return super().unregister(plugin, name)
+        removed = super().unregister(plugin, name)
+        plugin_name = name or (self.get_name(removed) if removed is not None else None)
+        self._methods = {key: m for key, m in self._methods.items() if m.plugin != plugin_name}
+        self._callers.clear()
+        return removed
 
     def load_entry_points(self, strict: bool | None = None) -> None:
-        """Import and register every plugin of the ``tt_core.plugins`` group."""
+        """Load every plugin of the ``tt_core.plugins`` group, each on its own.
+
+        One that fails is reported in :attr:`failures` (and warned about) and
+        skipped; the others keep working.
+        """
         if strict is None:
             strict = os.environ.get("TT_STRICT_PLUGINS", "") not in ("", "0")
+        for blocked in os.environ.get("TT_DISABLE_PLUGINS", "").split(","):
+            if blocked.strip():
+                self.set_blocked(blocked.strip())
         for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if self.get_plugin(entry_point.name) is not None or self.is_blocked(entry_point.name):
+            if self.has_plugin(entry_point.name) or self.is_blocked(entry_point.name):
                 continue
             try:
-                plugin = entry_point.load()
-                self.register(plugin, name=entry_point.name)
-                if entry_point.dist is not None:
-                    self.distributions[entry_point.name] = (entry_point.dist.name, entry_point.dist.version)
-                self._collect(entry_point.name, plugin)
-                self.check_pending()
+                self.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry_point.name)
             except Exception as error:
                 if self.get_plugin(entry_point.name) is not None:
                     self.unregister(name=entry_point.name)
@@ -97,52 +145,65 @@ class PluginManager(pluggy.PluginManager):
                     stacklevel=2,
                 )
 
-    def _collect(self, plugin_name: str, plugin: object) -> list[Method]:
-        impl = getattr(plugin, "register_methods", None)
-        register = MethodRegister(plugin_name)
-        if impl is not None:
-            impl(register=register)
-        distribution, version = self.distributions.get(plugin_name, (None, None))
-        return [dataclasses.replace(m, distribution=distribution, version=version) for m in register.methods]
+    def distribution(self, plugin_name: str) -> tuple[str, str] | None:
+        """(package name, version) of the distribution that installed a plugin, from pluggy."""
+        plugin = self.get_plugin(plugin_name)
+        for candidate, dist in self.list_plugin_distinfo():
+            if candidate is plugin:
+                return dist.project_name, dist.version
+        return None
+
+    def _from(self, plugin_name: str) -> str:
+        dist = self.distribution(plugin_name)
+        return f" (package {dist[0]} {dist[1]})" if dist else ""
 
     @property
     def methods(self) -> dict[str, Method]:
-        """Every registered method by name; a name claimed twice is an error."""
-        if self._methods is None:
-            table: dict[str, Method] = {}
-            for plugin_name, plugin in self.list_name_plugin():
-                if plugin is None:
-                    continue
-                for method in self._collect(plugin_name, plugin):
-                    if method.name in table:
-                        raise ValueError(
-                            f"adapter method {method.name!r} is provided by both plugin "
-                            f"{table[method.name].plugin!r} and {plugin_name!r}; uninstall one"
-                        )
-                    table[method.name] = method
-            self._methods = table
-        return self._methods
+        """Every registered method by name, with the package that provides it."""
+        table = {}
+        for name, method in self._methods.items():
+            dist = self.distribution(method.plugin) or (None, None)
+            table[name] = dataclasses.replace(method, distribution=dist[0], version=dist[1])
+        return table
 
     def method_for(self, config: AdapterConfig) -> Method:
         """The registered method whose config class ``config`` is."""
-        method = self.methods.get(config.method)
+        method = self._methods.get(getattr(config, "method", None))  # type: ignore[arg-type]
         if method is None or not isinstance(config, method.config_class):
             raise ValueError(
-                f"no installed plugin provides adapter method {config.method!r} "
-                f"(installed: {sorted(self.methods)}); install the plugin's package, "
+                f"no installed plugin provides adapter method {getattr(config, 'method', None)!r} "
+                f"(installed: {sorted(self._methods)}); install the plugin's package, "
                 "or register it with tt_core.get_plugin_manager().register(plugin)"
             )
         return method
 
+    def hooks_for(self, method_name: str) -> _MethodHooks:
+        """The hooks of one method: its plugin's answers, then the core defaults."""
+        if method_name not in self._callers:
+            owner = self.get_plugin(self._methods[method_name].plugin)
+            others = [p for p in self.get_plugins() if p is not owner and p is not defaults]
+            self._callers[method_name] = _MethodHooks(self, others)
+        return self._callers[method_name]
+
     def config_from_dict(self, data: dict[str, Any]) -> AdapterConfig:
         """Rebuild a saved config through the plugin that registered its method."""
         name = data.get("method")
-        if name not in self.methods:
+        if name not in self._methods:
             raise ValueError(
                 f"the saved adapter uses method {name!r}, which no installed plugin provides "
-                f"(installed: {sorted(self.methods)}); install the plugin that provides it"
+                f"(installed: {sorted(self._methods)}); install the plugin that provides it"
             )
-        return self.methods[name].config_class.from_dict(data)
+        return self._methods[name].config_class.from_dict(data)
+
+
+class _MethodHooks:
+    """``detect_target``, ``create_layer``, ``tie_handler`` and ``merge`` of one method's plugin."""
+
+    def __init__(self, manager: PluginManager, others: list[object]) -> None:
+        self.detect_target = manager.subset_hook_caller("detect_target", others)
+        self.create_layer = manager.subset_hook_caller("create_layer", others)
+        self.tie_handler = manager.subset_hook_caller("tie_handler", others)
+        self.merge = manager.subset_hook_caller("merge", others)
 
 
 _manager: PluginManager | None = None

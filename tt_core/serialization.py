@@ -60,7 +60,8 @@ def base_fingerprint(model: nn.Module, sites: list[_Site]) -> dict[str, Any]:
     return {
         "model": type(model).__name__,
         "weights": {
-            site.modules[0]: weight_fingerprint(site.weight, site.state.touched_rows()) for site in sites
+            site.modules[0]: weight_fingerprint(site.weight(model), site.state.touched_rows())
+            for site in sites
         },
     }
 
@@ -107,7 +108,7 @@ def adapter_files(adapter_model: AdapterModel, name: str) -> tuple[dict[str, byt
     shapes: dict[str, list[int]] = {}
     for site in record.sites:
         target = site.modules[0]
-        shapes[target] = list(site.weight.shape)
+        shapes[target] = list(site.weight(adapter_model.model).shape)
         for key, tensor in site.state.state_dict().items():
             tensors[f"{target}.{key}"] = tensor.detach().to("cpu").contiguous()
     files = {

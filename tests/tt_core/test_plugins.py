@@ -48,12 +48,12 @@ def test_a_plugin_registering_a_bad_method_is_skipped(tmp_path, monkeypatch):
         "from tt_core import hookimpl\n"
         "@hookimpl\n"
         "def register_methods(register):\n"
-        "    register('bad', dict)\n"
+        "    register(dict)\n"
     )
     _fake_distribution(tmp_path, "bad = bad_method_plugin\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     manager = PluginManager()
-    with pytest.warns(UserWarning, match="must subclass tt_core.AdapterConfig"):
+    with pytest.warns(UserWarning, match="needs a subclass of tt_core.AdapterConfig"):
         manager.load_entry_points(strict=False)
     assert manager.get_plugin("bad") is None
     assert "bad" not in manager.methods
@@ -68,7 +68,7 @@ class EchoConfig(AdapterConfig):
 class EchoPlugin:
     @hookimpl
     def register_methods(self, register):
-        register("echo", EchoConfig)
+        register(EchoConfig)
 
 
 def test_run_time_plugins_add_methods():

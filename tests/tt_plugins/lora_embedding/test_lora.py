@@ -15,7 +15,6 @@ import tt_core
 from tt_core import AdapterLayer, AdapterModel, get_adapter_model
 from tt_plugins.lora_embedding import LoraEmbeddingConfig, LoraEmbeddingLayer
 from tt_plugins.lora_embedding import plugin as lora_plugin
-from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
 
 # 0 and 1 are padding ids in some families: their rows must get no gradient.
 TOKENS = [0, 1, 3, 17, 64, 127]
@@ -70,29 +69,23 @@ def test_plugin_is_found_through_its_entry_point():
     assert points["lora_embedding"] == "tt_plugins.lora_embedding.plugin"
 
 
-def test_hooks_answer_only_for_their_own_configs_and_layers():
+def test_the_lora_config_reaches_the_lora_plugin_and_the_core_defaults():
     model = build("llama_tied")
-    foreign = TrainableTokensConfig(token_indices=[3])
     embedding = model.get_input_embeddings()
-    assert lora_plugin.detect_target(model=model, config=foreign) is None
-    assert (
-        lora_plugin.create_layer(config=foreign, adapter_name="a", target_name="x", base_layer=embedding)
-        is None
-    )
-    assert lora_plugin.tie_handler(model=model, config=foreign, target_name="x", base_layer=embedding) is None
-    tokens_state = TrainableTokensLayer(embedding.weight, [3])
-    assert lora_plugin.merge(state=tokens_state, weight=embedding.weight, unmerge=False) is None
-    # Through the manager the LoRA config reaches the LoRA plugin, whatever the order of plugins.
-    hook = tt_core.get_plugin_manager().hook
+    manager = tt_core.get_plugin_manager()
+    hooks = manager.hooks_for("lora_embedding")
     config = LoraEmbeddingConfig(r=RANK)
-    assert hook.detect_target(model=model, config=config) == ["model.embed_tokens"]
-    assert hook.tie_handler(
+    # Targets and ties come from the core defaults; the plugin answers only create_layer.
+    assert hooks.detect_target(model=model, config=config) == ["model.embed_tokens"]
+    assert hooks.tie_handler(
         model=model, config=config, target_name="model.embed_tokens", base_layer=embedding
     ) == ["lm_head"]
-    state = hook.create_layer(
+    state = hooks.create_layer(
         config=config, adapter_name="a", target_name="model.embed_tokens", base_layer=embedding
     )
     assert isinstance(state, LoraEmbeddingLayer)
+    assert {impl.function.__name__ for impl in manager.hook.create_layer.get_hookimpls()} >= {"create_layer"}
+    assert not hasattr(lora_plugin, "detect_target") and not hasattr(lora_plugin, "merge")
 
 
 # ---------------------------------------------------------------- layout

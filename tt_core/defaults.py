@@ -1,0 +1,42 @@
+"""The core's own answers to the method hooks, asked after the method's plugin (``trylast``).
+
+As pytest keeps its defaults in built-in plugins, a method implements only
+what differs: a minimal method is a config, a state, ``register_methods``
+and ``create_layer``.
+"""
+
+from __future__ import annotations
+
+import pluggy
+import torch
+from torch import nn
+
+from tt_core.config import AdapterConfig
+from tt_core.layer import AdapterState
+from tt_core.targets import find_tied_modules, resolve_targets
+
+hookimpl = pluggy.HookimplMarker("tt_core")
+
+
+@hookimpl(trylast=True)
+def detect_target(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """``config.target_modules``, else the module ``get_input_embeddings()`` returns."""
+    return resolve_targets(model, getattr(config, "target_modules", None))
+
+
+@hookimpl(trylast=True)
+def tie_handler(
+    model: nn.Module, config: AdapterConfig, target_name: str, base_layer: nn.Module
+) -> list[str]:
+    """Every other module holding the very same weight Parameter."""
+    return find_tied_modules(model, target_name)
+
+
+@hookimpl(trylast=True)
+def merge(state: AdapterState, weight: torch.Tensor, unmerge: bool) -> bool:
+    """The state's own :meth:`~AdapterState.merge_into` / :meth:`~AdapterState.unmerge_from`."""
+    if unmerge:
+        state.unmerge_from(weight)
+    else:
+        state.merge_into(weight)
+    return True
