@@ -126,7 +126,9 @@ class PluginManager(pluggy.PluginManager):
         for blocked in os.environ.get("TT_DISABLE_PLUGINS", "").split(","):
             if blocked.strip():
                 self.set_blocked(blocked.strip())
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        # In name order, whatever sys.path says: of two plugins claiming one method, the first keeps it.
+        entry_points = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        for entry_point in entry_points:
             if self.has_plugin(entry_point.name) or self.is_blocked(entry_point.name):
                 continue
             try:
@@ -168,7 +170,7 @@ class PluginManager(pluggy.PluginManager):
 
     def method_for(self, config: AdapterConfig) -> Method:
         """The registered method whose config class ``config`` is."""
-        method = self._methods.get(getattr(config, "method", None))  # type: ignore[arg-type]
+        method = self.methods.get(getattr(config, "method", None))  # type: ignore[arg-type]
         if method is None or not isinstance(config, method.config_class):
             raise ValueError(
                 f"no installed plugin provides adapter method {getattr(config, 'method', None)!r} "
