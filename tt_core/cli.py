@@ -1,51 +1,396 @@
-"""The ``tt`` command: what is installed, and what a saved folder holds."""
+"""The ``tt`` command: installed methods, saved folders, the registry, and merging into a plain model.
+
+Every failure is one line on stderr, ``tt <command>: <what went wrong>``, and a
+non-zero exit status: 2 for bad input (a wrong name, path or spec), 1 for
+other failures, 130 when interrupted. Set ``TT_DEBUG=1`` to see the traceback
+of an unexpected error instead. ``--json`` prints what scripts read.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NoReturn
 
 from tt_core import manifest, serialization, storage
 from tt_core.plugins import get_plugin_manager
+from tt_core.registry import Published, Registry
+
+_BAD_INPUT = 2
+_FAILED = 1
+_INTERRUPTED = 130
+# Files that tell a transformers model folder also holds a tokenizer.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
-def _plugins(_: argparse.Namespace) -> int:
-    manager = get_plugin_manager()
-    for method in sorted(manager.methods.values(), key=lambda m: m.name):
-        print(f"{method.name:<20} plugin {method.plugin:<20} config {method.config_class.__qualname__}")
-    for name, error in manager.failures:
-        print(f"FAILED {name}: {error}")
-    return 1 if manager.failures else 0
+class CommandError(Exception):
+    """A failure the command explains itself: its message and exit status."""
+
+    def __init__(self, message: str, status: int = _BAD_INPUT) -> None:
+        super().__init__(message)
+        self.status = status
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other ``tt`` error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(_BAD_INPUT, f"{self.prog}: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _describe(error: BaseException) -> str:
+    text = _one_line(error)
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text or type(error).__name__
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"tt: {category.__name__}: {_one_line(message)}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- tt plugins
+def _plugins(args: argparse.Namespace) -> int:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # broken plugins are listed below, one line each
+            manager = get_plugin_manager()
+        methods = sorted(manager.methods.values(), key=lambda m: m.name)
+    except (ValueError, TypeError, RuntimeError) as error:
+        # e.g. two plugins claiming one method name, or TT_STRICT_PLUGINS=1 and a broken plugin
+        raise CommandError(
+            f"the installed plugins conflict or are broken: {_describe(error)}", _FAILED
+        ) from None
+    if args.json:
+        _print_json(
+            {
+                "methods": [
+                    {
+                        "name": method.name,
+                        "plugin": method.plugin,
+                        "config": f"{method.config_class.__module__}.{method.config_class.__qualname__}",
+                        "distribution": method.distribution,
+                        "version": method.version,
+                    }
+                    for method in methods
+                ],
+                "failures": [{"plugin": name, "error": message} for name, message in manager.failures],
+            }
+        )
+    else:
+        for method in methods:
+            print(f"{method.name:<20} plugin {method.plugin:<20} config {method.config_class.__qualname__}")
+        for name, message in manager.failures:
+            print(f"FAILED {name}: {_one_line(message)}")
+    return _FAILED if manager.failures else 0
+
+
+# ---------------------------------------------------------------- tt inspect
 def _inspect(args: argparse.Namespace) -> int:
     root = Path(args.path)
-    try:
-        found, saved = storage.read_all(root)
-        for name, adapter in saved.items():
-            config = serialization.read_config(adapter)
-            marker = "*" if name in found.active else " "
-            print(f"{marker} {name:<20} {config.method:<20} {json.dumps(config.to_dict(), sort_keys=True)}")
-    except (OSError, ValueError) as error:
-        print(f"tt inspect: {error}", file=sys.stderr)
-        return 2
+    found, saved = storage.read_all(root)
+    for name, adapter in saved.items():
+        config = serialization.read_config(adapter)
+        marker = "*" if name in found.active else " "
+        print(f"{marker} {name:<20} {config.method:<20} {json.dumps(config.to_dict(), sort_keys=True)}")
     print(f"active stack: {found.active}; files verified against {manifest.FILENAME}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tt", description="tt-adapters: token-embedding adapters")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("plugins", help="list installed adapter methods and broken plugins").set_defaults(
-        run=_plugins
+# --------------------------------------------------------------- tt registry
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(args.registry)  # None: $TT_REGISTRY, else the user's data folder
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    """A transformers tokenizer from a local folder; nothing is downloaded."""
+    if not folder.is_dir():
+        raise CommandError(f"{folder} is not a folder; pass the folder a tokenizer's save_pretrained() wrote")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _registry_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    found = registry.list()
+    if args.json:
+        _print_json([published.to_dict() for published in found])
+        return 0
+    if not found:
+        print(f"no adapters in the registry at {registry.root}")
+    for published in found:
+        print(
+            f"{published.spec:<24} {published.method:<20} {published.source:<12} "
+            f"{_one_line(published.description)}".rstrip()
+        )
+    return 0
+
+
+def _info_lines(published: Published, versions: list[int]) -> Iterator[str]:
+    yield f"name:         {published.name}"
+    yield f"version:      {published.version} (versions: {', '.join(map(str, versions))})"
+    yield f"method:       {published.method}"
+    yield f"source:       {published.source}"
+    yield f"description:  {_one_line(published.description)}"
+    yield f"published at: {published.published_at}"
+    yield f"path:         {published.path}"
+    if not published.added_tokens:
+        yield "added tokens: none"
+        return
+    yield f"added tokens: {len(published.added_tokens)}"
+    for token in published.added_tokens:
+        special = " (special)" if token.get("special") else ""
+        yield f"  {token['id']:>8} {token['content']!r}{special}"
+
+
+def _registry_info(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    published = registry.info(args.spec)
+    versions = registry.versions(published.name)
+    if args.json:
+        _print_json({**published.to_dict(), "versions": versions})
+    else:
+        for line in _info_lines(published, versions):
+            print(line)
+    return 0
+
+
+def _registry_publish(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.is_dir():
+        raise CommandError(f"{path} is not a folder; pass the folder save_pretrained() wrote")
+    tokenizer = _load_tokenizer(Path(args.tokenizer)) if args.tokenizer is not None else None
+    registry = _registry(args)
+    version = registry.publish_folder(
+        path, args.name, adapter=args.adapter, description=args.description, tokenizer=tokenizer
     )
+    print(f"published {args.name}@{version}")
+    return 0
+
+
+def _registry_rm(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    registry.remove(args.spec)
+    print(f"removed {args.spec}")
+    return 0
+
+
+def _registry_verify(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    problems = [_one_line(problem) for problem in registry.verify()]
+    if args.json:
+        _print_json({"registry": str(registry.root), "problems": problems})
+    elif problems:
+        for problem in problems:
+            print(problem)
+    else:
+        print(f"every published version in {registry.root} is intact")
+    return _FAILED if problems else 0
+
+
+def _registry_gc(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    removed = registry.gc()
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"nothing to remove in {registry.root}")
+    return 0
+
+
+# ------------------------------------------------------------------ tt merge
+@contextmanager
+def _progress(total: int) -> Iterator[Any]:
+    """A tqdm bar on stderr (shown when stderr is a terminal)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="tt merge", unit="step", file=sys.stderr, disable=None, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Without transformers' own progress bars (loading, writing shards): ``tt merge`` shows one."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def _model_class(folder: Path) -> Any:
+    """The class config.json's ``architectures`` names, else ``AutoModel``."""
+    import transformers
+
+    config = manifest.load_json_object(folder / "config.json", (folder / "config.json").read_bytes())
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        found = getattr(transformers, architectures[0], None)
+        if isinstance(found, type) and hasattr(found, "from_pretrained"):
+            return found
+    return transformers.AutoModel
+
+
+def _check_out(out: Path, base: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} exists and is not a folder")
+    if out.exists() and base.exists() and out.resolve() == base.resolve():
+        raise CommandError(f"--out {out} is the base model's folder; write the merged model elsewhere")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CommandError(f"--out {out} is not empty; pass --force to write into it")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    base, out = Path(args.base_model), Path(args.out)
+    _check_out(out, base, args.force)
+    if not (base / "config.json").is_file():
+        raise CommandError(
+            f"{base} has no config.json; pass a folder written by a transformers model's save_pretrained()"
+        )
+    registry = _registry(args)
+    specs = [registry.info(spec).spec for spec in args.specs]  # unknown names fail before any loading
+    has_tokenizer = any((base / name).is_file() for name in _TOKENIZER_FILES)
+    with _quiet_transformers(), _progress(total=4 + has_tokenizer) as bar:
+
+        def step(description: str) -> None:
+            bar.set_postfix_str(description)
+
+        step("loading the base model")
+        model_class = _model_class(base)
+        model = model_class.from_pretrained(str(base), local_files_only=True)
+        model.eval()
+        bar.update(1)
+        tokenizer = None
+        if has_tokenizer:
+            step("loading the tokenizer")
+            tokenizer = _load_tokenizer(base)
+            bar.update(1)
+        before = len(tokenizer) if tokenizer is not None else 0
+        step(f"loading {', '.join(specs)}")
+        adapter_model = registry.load(model, specs, tokenizer=tokenizer)
+        bar.update(1)
+        step(f"merging {', '.join(specs)}")
+        merged: Any = adapter_model.merge_and_unload()  # the transformers model, adapters folded in
+        bar.update(1)
+        step(f"saving to {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(str(out))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        bar.update(1)
+    added = len(tokenizer) - before if tokenizer is not None else 0
+    tokens = f", tokenizer with {added} added token(s)" if added else (", tokenizer" if tokenizer else "")
+    print(f"merged {', '.join(specs)} into {base} ({model_class.__name__}); saved to {out}{tokens}")
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+def _add_registry_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--registry",
+        metavar="DIR",
+        default=default,
+        help="the registry's folder (default: $TT_REGISTRY, else the user's data folder)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tt", description="tt-adapters: token-embedding adapters")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plugins = commands.add_parser("plugins", help="list installed adapter methods and broken plugins")
+    plugins.add_argument("--json", action="store_true", help="print a JSON object")
+    plugins.set_defaults(run=_plugins)
+
     inspect = commands.add_parser("inspect", help="list and verify the adapters saved in a folder")
     inspect.add_argument("path")
     inspect.set_defaults(run=_inspect)
-    args = parser.parse_args(argv)
-    return int(args.run(args))
+
+    registry = commands.add_parser("registry", help="list, publish, remove and check published adapters")
+    _add_registry_option(registry, None)
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, run: Any, help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help)
+        _add_registry_option(sub, argparse.SUPPRESS)  # also accepted after the action
+        sub.set_defaults(run=run)
+        return sub
+
+    listing = action("list", _registry_list, "the newest version of every adapter")
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
+    info = action("info", _registry_info, "what one published adapter is")
+    info.add_argument("spec", metavar="NAME[@VERSION]")
+    info.add_argument("--json", action="store_true", help="print a JSON object")
+    publish = action("publish", _registry_publish, "publish a saved adapter as a new version")
+    publish.add_argument("path", metavar="PATH", help="a folder written by save_pretrained()")
+    publish.add_argument("name", metavar="NAME")
+    publish.add_argument("--adapter", help="which adapter of PATH (default: its only one)")
+    publish.add_argument("--description", default="", metavar="TEXT")
+    publish.add_argument(
+        "--tokenizer", metavar="DIR", help="a local tokenizer folder whose added tokens are recorded"
+    )
+    remove = action("rm", _registry_rm, "remove one version (its number is never reused)")
+    remove.add_argument("spec", metavar="NAME@VERSION")
+    verify = action("verify", _registry_verify, "check every published version's files")
+    verify.add_argument("--json", action="store_true", help="print a JSON object")
+    action("gc", _registry_gc, "remove what interrupted publishes left behind")
+
+    merge = commands.add_parser("merge", help="merge published adapters into a plain transformers model")
+    merge.add_argument("base_model", metavar="BASE_MODEL_DIR", help="a local transformers model folder")
+    merge.add_argument("specs", nargs="+", metavar="NAME[@VERSION]", help="applied in this order")
+    merge.add_argument("--out", required=True, metavar="DIR", help="where to save the merged model")
+    merge.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    _add_registry_option(merge, None)
+    merge.set_defaults(run=_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed on one line
+        return stop.code if isinstance(stop.code, int) else _BAD_INPUT
+    prog = " ".join(filter(None, ["tt", args.command, getattr(args, "action", None)]))
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            return int(args.run(args))
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return _INTERRUPTED
+        except CommandError as error:
+            print(f"{prog}: {_describe(error)}", file=sys.stderr)
+            return error.status
+        except (ValueError, TypeError, OSError) as error:
+            print(f"{prog}: {_describe(error)}", file=sys.stderr)
+            return _BAD_INPUT
+        except Exception as error:
+            if os.environ.get("TT_DEBUG", "") not in ("", "0"):
+                raise
+            print(f"{prog}: {type(error).__name__}: {_describe(error)}", file=sys.stderr)
+            return _FAILED
 
 
 if __name__ == "__main__":

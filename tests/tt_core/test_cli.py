@@ -1,11 +1,14 @@
 """The `tt` console command."""
 
+import json
 import shutil
 import subprocess
+import types
 
+import pytest
 from models import build
 
-from tt_core import get_adapter_model
+from tt_core import cli, get_adapter_model
 from tt_core.cli import main
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
@@ -28,3 +31,47 @@ def test_tt_inspect_lists_and_verifies_saved_adapters(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:-4])
     assert main(["inspect", str(tmp_path)]) == 2
     assert "does not match the hash" in capsys.readouterr().err
+
+
+def test_tt_plugins_json_lists_methods_and_failures(capsys, monkeypatch):
+    assert main(["plugins", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    by_name = {method["name"]: method for method in listed["methods"]}
+    assert by_name["trainable_tokens"]["plugin"] == "trainable_tokens"
+    assert by_name["trainable_tokens"]["config"].endswith(".TrainableTokensConfig")
+    assert set(by_name["trainable_tokens"]) == {"name", "plugin", "config", "distribution", "version"}
+    assert listed["failures"] == []
+
+    real = cli.get_plugin_manager()
+    broken = types.SimpleNamespace(methods=real.methods, failures=[("broken", "ModuleNotFoundError: x")])
+    monkeypatch.setattr(cli, "get_plugin_manager", lambda: broken)
+    assert main(["plugins", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["failures"] == [
+        {"plugin": "broken", "error": "ModuleNotFoundError: x"}
+    ]
+    assert main(["plugins"]) == 1
+    assert "FAILED broken: ModuleNotFoundError: x" in capsys.readouterr().out
+
+
+class _ConflictingPlugins:
+    failures: list = []
+
+    @property
+    def methods(self):
+        raise ValueError("adapter method 'x' is provided by both plugin 'a' and 'b'; uninstall one")
+
+
+@pytest.mark.parametrize("argv", [["plugins"], ["plugins", "--json"]])
+def test_tt_plugins_reports_a_plugin_conflict_on_one_line(capsys, monkeypatch, argv):
+    monkeypatch.setattr(cli, "get_plugin_manager", lambda: _ConflictingPlugins())
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.startswith("tt plugins: ") and captured.err.count("\n") == 1
+    assert "provided by both plugin 'a' and 'b'" in captured.err
+
+
+def test_tt_inspect_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("tt inspect: ") and captured.err.count("\n") == 1

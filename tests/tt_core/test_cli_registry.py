@@ -1,0 +1,302 @@
+"""`tt registry` and `tt merge`: in-process through tt_core.cli.main, plus one run of the console script."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+import transformers
+from models import VOCAB, batch, build, logits
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from tt_core import get_adapter_model
+from tt_core.cli import main
+from tt_core.registry import Registry
+from tt_plugins.trainable_tokens import TrainableTokensConfig
+
+
+def tt(capsys, *argv):
+    """Run ``tt argv...`` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()  # drop what the test printed before (e.g. transformers' progress bars)
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(status, out, err, command, expected_status=2):
+    assert status == expected_status, err
+    assert out == ""
+    assert err.startswith(f"tt {command}: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
+    words = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
+    )
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return tmp_path / "registry"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A folder written by save_pretrained, holding one altered trainable-tokens adapter."""
+    adapter_model = get_adapter_model(
+        build("llama"), TrainableTokensConfig(token_indices=[5, 6], init_weights=False)
+    )
+    folder = tmp_path / "saved"
+    adapter_model.save_pretrained(folder)
+    return folder
+
+
+# -------------------------------------------------------------- tt registry
+def test_publish_list_and_info_in_text_and_json(capsys, registry, saved):
+    status, out, _ = tt(
+        capsys, "registry", "--registry", registry, "publish", saved, "greet", "--description", "hi"
+    )
+    assert (status, out) == (0, "published greet@1\n")
+    # --registry after the action works too, and versions count up
+    status, out, _ = tt(capsys, "registry", "publish", saved, "greet", "--registry", registry)
+    assert (status, out) == (0, "published greet@2\n")
+
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "list")
+    assert status == 0
+    assert out.split() == ["greet@2", "trainable_tokens", "local"]  # the newest version has no description
+
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "list", "--json")
+    listed = json.loads(out)
+    assert status == 0 and [entry["spec"] for entry in listed] == ["greet@2"]
+    assert listed[0]["method"] == "trainable_tokens" and listed[0]["source"] == "local"
+    assert listed[0] == Registry(registry).info("greet@2").to_dict()
+
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "info", "greet@1")
+    assert status == 0
+    assert "version:      1 (versions: 1, 2)" in out and "description:  hi" in out
+    assert "method:       trainable_tokens" in out and "added tokens: none" in out
+
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "info", "greet", "--json")
+    info = json.loads(out)
+    assert status == 0 and info["spec"] == "greet@2" and info["versions"] == [1, 2]
+    assert info["added_tokens"] == []
+
+
+def test_the_registry_comes_from_tt_registry_when_not_given(capsys, monkeypatch, registry, saved):
+    monkeypatch.setenv("TT_REGISTRY", str(registry))
+    assert tt(capsys, "registry", "publish", saved, "greet")[:2] == (0, "published greet@1\n")
+    assert [p.spec for p in Registry(registry).list()] == ["greet@1"]
+    status, out, _ = tt(capsys, "registry", "list", "--json")
+    assert [entry["spec"] for entry in json.loads(out)] == ["greet@1"]
+
+
+def test_publish_records_the_added_tokens_of_a_tokenizer_folder(capsys, tmp_path, registry, saved):
+    tokenizer = _tokenizer()
+    tokenizer.add_tokens(["<new>"])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    status, out, err = tt(
+        capsys,
+        "registry",
+        "--registry",
+        registry,
+        "publish",
+        saved,
+        "greet",
+        "--tokenizer",
+        tmp_path / "tokenizer",
+    )
+    assert (status, out) == (0, "published greet@1\n"), err
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "info", "greet", "--json")
+    recorded = json.loads(out)["added_tokens"]
+    assert {"content": "<new>", "id": VOCAB, "special": False} in recorded  # beside the special tokens
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "info", "greet")
+    assert f"added tokens: {len(recorded)}" in out and f"{VOCAB} '<new>'\n" in out
+
+
+def test_rm_removes_one_version_and_list_shows_what_is_left(capsys, registry, saved):
+    for _ in range(2):
+        tt(capsys, "registry", "--registry", registry, "publish", saved, "greet")
+    assert tt(capsys, "registry", "--registry", registry, "rm", "greet@2")[:2] == (0, "removed greet@2\n")
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "list", "--json")
+    assert [entry["spec"] for entry in json.loads(out)] == ["greet@1"]
+
+    assert tt(capsys, "registry", "--registry", registry, "rm", "greet@1")[0] == 0
+    assert json.loads(tt(capsys, "registry", "--registry", registry, "list", "--json")[1]) == []
+    assert "no adapters" in tt(capsys, "registry", "--registry", registry, "list")[1]
+    # numbers are never reused
+    assert (
+        tt(capsys, "registry", "--registry", registry, "publish", saved, "greet")[1] == "published greet@3\n"
+    )
+
+
+def test_verify_reports_a_damaged_file_and_exits_1(capsys, registry, saved):
+    tt(capsys, "registry", "--registry", registry, "publish", saved, "greet")
+    tt(capsys, "registry", "--registry", registry, "publish", saved, "other")
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "verify")
+    assert status == 0 and "intact" in out
+
+    weights = next((registry / "greet" / "1").rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))
+
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "verify")
+    assert status == 1
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("greet@1: ") and "hash" in lines[0]
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "verify", "--json")
+    report = json.loads(out)
+    assert status == 1 and report["registry"] == str(registry)
+    assert len(report["problems"]) == 1 and report["problems"][0].startswith("greet@1: ")
+
+
+def test_gc_removes_what_a_killed_publish_left(capsys, registry, saved):
+    tt(capsys, "registry", "--registry", registry, "publish", saved, "greet")
+    leftover = registry / ".tt-tmp-x"
+    leftover.mkdir()
+    (leftover / "half_written").write_bytes(b"x")
+    status, out, _ = tt(capsys, "registry", "--registry", registry, "gc")
+    assert status == 0 and out == f"removed {leftover}\n"
+    assert not leftover.exists() and Registry(registry).versions("greet") == [1]
+    assert "nothing to remove" in tt(capsys, "registry", "--registry", registry, "gc")[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "message"),
+    [
+        (["info", "nobody"], "registry info", "no adapter 'nobody'"),
+        (["info", "x@0"], "registry info", "whole number >= 1"),
+        (["rm", "x@0"], "registry rm", "whole number >= 1"),
+        (["rm", "greet"], "registry rm", "say which version"),
+        (["rm", "greet@7"], "registry rm", "no version 7"),
+        (["publish", "{tmp}/not_there", "greet"], "registry publish", "is not a folder"),
+        (["publish", "{tmp}", "greet"], "registry publish", "save_pretrained"),
+        (["publish", "{saved}", "bad/name"], "registry publish", "bad/name"),
+        (["info"], "registry info", "required"),
+        (["frobnicate"], "registry", "invalid choice"),
+    ],
+)
+def test_errors_are_one_line_with_exit_2(capsys, tmp_path, registry, saved, argv, command, message):
+    tt(capsys, "registry", "--registry", registry, "publish", saved, "greet")
+    argv = [arg.format(tmp=tmp_path / "empty", saved=saved) for arg in argv]
+    (tmp_path / "empty").mkdir()
+    status, out, err = tt(capsys, "registry", "--registry", registry, *argv)
+    assert_one_line_error(status, out, err, command)
+    assert message in err
+
+
+def test_an_interrupt_exits_130_on_one_line(capsys, monkeypatch, registry):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Registry, "list", interrupted)
+    status, out, err = tt(capsys, "registry", "--registry", registry, "list")
+    assert_one_line_error(status, out, err, "registry list", 130)
+
+
+def test_the_console_script_runs_and_errors_on_one_line(tmp_path):
+    tt_script = shutil.which("tt")
+    assert tt_script is not None, "the console script is installed with the package"
+    done = subprocess.run(
+        [tt_script, "registry", "--registry", str(tmp_path), "info", "nobody@1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("tt registry info: no adapter 'nobody'") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ tt merge
+def test_merge_saves_a_plain_model_with_the_adapter_folded_in(capsys, tmp_path, registry):
+    base_dir, out = tmp_path / "base", tmp_path / "out"
+    build("llama_tied").save_pretrained(base_dir)
+    adapter_model = get_adapter_model(
+        build("llama_tied"), TrainableTokensConfig(token_indices=[5, 6], init_weights=False)
+    )
+    assert Registry(registry).publish(adapter_model, "greet") == 1
+    inputs = batch("llama_tied", [5, 6])
+    with torch.no_grad():
+        expected = logits(adapter_model, inputs)
+
+    status, stdout, err = tt(capsys, "merge", base_dir, "greet", "--out", out, "--registry", registry)
+    assert status == 0, err
+    assert "greet@1" in stdout and str(out) in stdout
+    merged = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert not any("adapter" in key for key in merged.state_dict())
+    with torch.no_grad():
+        got = logits(merged, inputs)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        plain = logits(build("llama_tied"), inputs)
+    assert not torch.allclose(plain, expected)  # the adapter really changed something
+
+    # a non-empty --out is refused before anything is loaded, then written with --force
+    status, stdout, err = tt(capsys, "merge", base_dir, "greet", "--out", out, "--registry", registry)
+    assert_one_line_error(status, stdout, err, "merge")
+    assert "--force" in err
+    assert tt(capsys, "merge", base_dir, "greet@1", "--out", out, "--registry", registry, "--force")[0] == 0
+
+
+def test_merge_adds_the_recorded_tokens_to_the_saved_tokenizer(capsys, tmp_path, registry):
+    base_dir, out = tmp_path / "base", tmp_path / "out"
+    model, tokenizer = build("llama_tied"), _tokenizer()
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)  # the original tokenizer, without the new token
+    tokenizer.add_tokens(["<new>"])
+    model.resize_token_embeddings(len(tokenizer))
+    new_id = tokenizer.convert_tokens_to_ids("<new>")
+    adapter_model = get_adapter_model(
+        model, TrainableTokensConfig(token_indices=[new_id, 5], init_weights=False)
+    )
+    Registry(registry).publish(adapter_model, "greet", tokenizer=tokenizer)
+
+    status, stdout, err = tt(capsys, "merge", base_dir, "greet", "--out", out, "--registry", registry)
+    assert status == 0, err
+    assert "1 added token" in stdout
+    saved_tokenizer = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert saved_tokenizer.convert_tokens_to_ids("<new>") == new_id == VOCAB
+    assert len(saved_tokenizer) == VOCAB + 1
+    merged = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert merged.get_input_embeddings().weight.shape[0] == VOCAB + 1 == merged.config.vocab_size
+    inputs = batch("llama_tied", [new_id, 5])
+    with torch.no_grad():
+        assert torch.allclose(logits(merged, inputs), logits(adapter_model, inputs), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{tmp}/no_model", "greet"], "no config.json"),
+        (["{base}", "nobody"], "no adapter 'nobody'"),
+        (["{base}", "greet@0"], "whole number >= 1"),
+        (["{base}", "greet@9"], "no version 9"),
+    ],
+)
+def test_merge_errors_are_one_line_with_exit_2(capsys, tmp_path, registry, saved, argv, message):
+    base_dir = tmp_path / "base"
+    (base_dir).mkdir()
+    (base_dir / "config.json").write_text("{}")
+    tt(capsys, "registry", "--registry", registry, "publish", saved, "greet")
+    argv = [arg.format(tmp=tmp_path, base=base_dir) for arg in argv]
+    status, out, err = tt(capsys, "merge", *argv, "--out", tmp_path / "out", "--registry", registry)
+    assert_one_line_error(status, out, err, "merge")
+    assert message in err and not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_a_file_or_the_base_folder_as_out(capsys, tmp_path, registry):
+    base_dir = tmp_path / "base"
+    build("llama").save_pretrained(base_dir)
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", base_dir):
+        status, stdout, err = tt(
+            capsys, "merge", base_dir, "greet", "--out", out, "--registry", registry, "--force"
+        )
+        assert_one_line_error(status, stdout, err, "merge")
