@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, ClassVar
@@ -36,6 +37,31 @@ def _matches(value: Any, hint: Any) -> bool:
     return True  # a hint this check does not know: the config's own validation decides
 
 
+def check_target_modules(value: Any) -> list[str] | str | None:
+    """Validate a config's ``target_modules`` as PEFT reads it, for ``__post_init__``.
+
+    ``None`` lets the method pick (usually the input embedding); a list names
+    modules by full name or name suffix; a string is a regular expression that
+    must match a module's full name.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(
+                f"target_modules={value!r} is a string, so it is read as a regular expression, and it is "
+                f"not a valid one ({error}); give a list of module names instead, e.g. ['embed_tokens']"
+            ) from None
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(name, str) for name in value):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise ValueError(
+        f"target_modules must be None, a list of module names or a regular expression, got {value!r}"
+    )
+
+
 class AdapterConfig:
     """Settings of one adapter. Subclasses are dataclasses that set ``method``.
 
@@ -45,7 +71,7 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
-    target_modules: list[str] | None
+    target_modules: list[str] | str | None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form written to ``adapter_config.json``."""

@@ -9,14 +9,15 @@ import functools
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import tqdm
 from torch import nn
 
-from tt_core import manifest, serialization, storage
+from tt_core import manifest, serialization, status, storage
 from tt_core.config import AdapterConfig
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.plugins import get_plugin_manager
@@ -83,7 +84,17 @@ def _names(value: object, argument: str = "adapter_names") -> list[str]:
     raise TypeError(f"{argument} must be an adapter name or a list of adapter names, got {value!r}")
 
 
+def _refuse_per_sample(kwargs: dict[str, Any]) -> None:
+    if "adapter_names" in kwargs:
+        raise ValueError(
+            "adapter_names= (one adapter per sample, PEFT's mixed batch) is not supported yet: the model "
+            "would silently use the active stack for every sample. Run each group of samples with "
+            "set_adapter() instead."
+        )
+
+
 def _call_model(adapter_model: AdapterModel, *args: Any, **kwargs: Any) -> Any:
+    _refuse_per_sample(kwargs)
     return adapter_model.model(*args, **kwargs)
 
 
@@ -95,6 +106,7 @@ class _ForwardWithModelSignature:
             return _call_model
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            _refuse_per_sample(kwargs)
             return obj.model(*args, **kwargs)
 
         return functools.wraps(obj.model.forward)(forward)
@@ -135,16 +147,20 @@ class AdapterModel(nn.Module):
 
     @property
     def adapter_configs(self) -> dict[str, AdapterConfig]:
-        """Each adapter's config, by name."""
-        return {name: record.config for name, record in self._records.items()}
+        """Each adapter's config, by name: copies, since editing one could not change the adapter."""
+        return {name: copy.deepcopy(record.config) for name, record in self._records.items()}
 
     # ----------------------------------------------------------------- adding
-    def add_adapter(self, adapter_name: str, config: AdapterConfig, is_trainable: bool = True) -> None:
+    def add_adapter(
+        self, adapter_name: str, peft_config: AdapterConfig, *, is_trainable: bool = True
+    ) -> None:
         """Add an inactive adapter; :meth:`set_adapter` activates it.
 
+        ``peft_config`` is the method's config (PEFT's name for the argument).
         Nothing on the model changes unless every target accepts the config.
         """
         check_adapter_name(adapter_name)
+        config = peft_config
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an adapter config (e.g. TrainableTokensConfig), got {config!r}")
         if adapter_name in self._records:
@@ -212,7 +228,7 @@ class AdapterModel(nn.Module):
     @property
     def adapters(self) -> list[str]:
         """Names of every adapter on the model, in the order they were added."""
-        return list(self.adapter_configs)
+        return list(self._records)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -234,17 +250,46 @@ class AdapterModel(nn.Module):
                 "and merges it found when the block ends; call it after the block"
             )
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Activate these adapters, stacked in the given order; only they train."""
-        names = _names(adapter_names)
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate these adapters, stacked in the given order; only they train.
+
+        ``inference_mode=True`` also freezes them. Unlike PEFT, activating never
+        unfreezes an adapter loaded for inference: use :meth:`set_requires_grad`.
+        """
+        names = _names(adapter_name, "adapter_name")
         self._check_known(names)
+        if not isinstance(inference_mode, bool):
+            raise TypeError(f"inference_mode must be True or False, got {inference_mode!r}")
         self._refuse_while_disabled("set_adapter")
         if self._merged:
             warnings.warn(
                 f"adapters {self._merged} are merged; unmerging them before switching", stacklevel=2
             )
             self._unmerge_all()
+        if inference_mode:
+            for name in names:
+                self._records[name].trainable = False
         self._activate(names)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make these adapters trainable (or frozen); an inactive one trains once activated."""
+        names = _names(adapter_names)
+        self._check_known(names)
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
+        for name in names:
+            self._records[name].trainable = requires_grad
+        self._activate(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (PEFT's singular form); the stack as a list when several are active."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """Each adapter's config by name, as PEFT calls it."""
+        return self.adapter_configs
 
     def _activate(self, names: list[str]) -> None:
         self._active = list(names)
@@ -256,8 +301,14 @@ class AdapterModel(nn.Module):
                 site.state.requires_grad_(train)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter; wrappers left with no adapter give the base module back."""
-        self._check_known(_names(adapter_name, "adapter_name")[:1])
+        """Remove an adapter; wrappers left with no adapter give the base module back.
+
+        As in PEFT, deleting the only active adapter activates the first one
+        left, with a warning; it never leaves the model silently adapter-free.
+        """
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be an adapter name, got {adapter_name!r}")
+        self._check_known([adapter_name])
         self._refuse_while_disabled("delete_adapter")
         merged = list(self._merged)
         if adapter_name in merged:
@@ -268,11 +319,17 @@ class AdapterModel(nn.Module):
                 if not len(wrapper.adapters):
                     setattr(parent, child_name, wrapper.base_layer)
         del self._records[adapter_name]
-        self._activate([name for name in self._active if name != adapter_name])
-        if adapter_name in merged:
-            for name in merged:
-                if name != adapter_name:
-                    self._merge_one(name)
+        active = [name for name in self._active if name != adapter_name]
+        if not active and adapter_name in self._active and self._records:
+            active = [next(iter(self._records))]
+            warnings.warn(
+                f"adapter {adapter_name!r} was active and is now deleted; {active[0]!r} is active now",
+                stacklevel=2,
+            )
+        self._activate(active)
+        for name in merged:
+            if name != adapter_name and name in active:
+                self._merge_one(name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -404,11 +461,13 @@ class AdapterModel(nn.Module):
         while self._merged:
             self._unmerge_last()
 
-    def _merge_all_or_none(self, names: list[str]) -> None:
+    def _merge_all_or_none(self, names: list[str], progress: Callable[[int], Any] | None = None) -> None:
         count = len(self._merged)
         try:
             for name in names:
                 self._merge_one(name)
+                if progress is not None:
+                    progress(1)
         except BaseException:
             while len(self._merged) > count:
                 self._unmerge_last()
@@ -449,8 +508,13 @@ class AdapterModel(nn.Module):
         """Adapters now folded into the base weights, in merge order."""
         return list(self._merged)
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
-        """Return the base model with these adapters (default: the active stack) folded in, in order."""
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Return the base model with these adapters (default: the active stack) folded in, in order.
+
+        PEFT's arguments in PEFT's order; ``progressbar`` shows one step per adapter.
+        """
         names = self.active_adapters if adapter_names is None else _names(adapter_names)
         self._check_known(names)
         self._refuse_while_disabled("merge_and_unload")
@@ -460,7 +524,8 @@ class AdapterModel(nn.Module):
         try:
             if safe_merge:
                 self._check_merge_writes(names)
-            self._merge_all_or_none(names)
+            with tqdm.tqdm(total=len(names), desc="merging", disable=not progressbar) as bar:
+                self._merge_all_or_none(names, bar.update)
         except BaseException:
             self._merge_all_or_none(merged)
             raise
@@ -495,6 +560,20 @@ class AdapterModel(nn.Module):
                 trainable += parameter.numel()
         return trainable, total
 
+    def get_layer_status(self) -> list[status.LayerStatus]:
+        """Each wrapped module's adapters: active, merged, trainable, devices (PEFT's fields)."""
+        return status.layer_status(self)
+
+    def get_model_status(self) -> status.ModelStatus:
+        """The model's adapters in one report (PEFT's fields; ``peft_types`` holds method names)."""
+        return status.model_status(self)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's ``generate``, with the active stack applied."""
+        _refuse_per_sample(kwargs)
+        generate: Any = self.model.generate
+        return generate(*args, **kwargs)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(
@@ -504,41 +583,62 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------- save/load
     def save_pretrained(
-        self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
     ) -> None:
         """Save adapters (default: all) into ``save_directory``, all-or-nothing.
 
         Writes ``manifest.json`` and one folder per adapter (config, safetensors,
         hashes); adapters saved there before are kept. See docs/manifest.md.
+        PEFT's arguments in PEFT's order: only safetensors are written, the
+        adapter never needs the whole embedding saved, and a process with
+        ``is_main_process=False`` writes nothing.
         """
+        if safe_serialization is not True:
+            raise ValueError(
+                "tt-adapters writes safetensors only (nothing is pickled); drop safe_serialization"
+            )
+        if save_embedding_layers not in ("auto", False):
+            raise ValueError(
+                "save_embedding_layers=True would save the whole embedding; an adapter saves only its own "
+                "rows, which is all it needs. Leave it at 'auto'."
+            )
         names = self.adapters if selected_adapters is None else _names(selected_adapters, "selected_adapters")
         self._check_known(names)
-        serialization.save_pretrained(self, save_directory, names)
+        if is_main_process:
+            serialization.save_pretrained(self, save_directory, names)
 
     @classmethod
     def from_pretrained(
         cls,
         model: nn.Module,
-        path: str | os.PathLike[str],
+        model_id: str | os.PathLike[str],
         adapter_name: str | None = None,
         is_trainable: bool = False,
+        *,
         strict: bool = True,
     ) -> AdapterModel:
-        """Load saved adapters onto ``model``: all of them (``adapter_name=None``) or one.
+        """Load the adapters saved in the folder ``model_id`` onto ``model``.
 
-        On any error ``model`` is left exactly as it was. ``strict=False`` loads
-        adapters saved from another base model, with a warning.
+        All of them, with their saved stack, when ``adapter_name`` is None
+        (PEFT loads one, as "default"), or the one called ``adapter_name``.
+        On any error ``model`` is left exactly as it was. ``strict=False``
+        loads adapters saved from another base model, with a warning.
         """
         adapter_model = cls(model)
         try:
-            root = Path(path)
+            root = Path(model_id)
             if adapter_name is None and manifest.exists(root):
                 found, saved = storage.read_all(root)
                 for name, adapter in saved.items():
                     serialization.load_adapter(adapter_model, adapter, name, is_trainable, strict)
                 adapter_model.set_adapter(found.active or list(saved))
             else:
-                name = adapter_name or "default"
+                name = "default" if adapter_name is None else adapter_name
                 adapter_model.load_adapter(root, name, is_trainable=is_trainable, strict=strict)
                 adapter_model.set_adapter(name)
         except BaseException:
@@ -550,7 +650,7 @@ class AdapterModel(nn.Module):
 
     def load_adapter(
         self,
-        path: str | os.PathLike[str],
+        model_id: str | os.PathLike[str],
         adapter_name: str,
         is_trainable: bool = False,
         *,
@@ -558,12 +658,12 @@ class AdapterModel(nn.Module):
     ) -> None:
         """Load one saved adapter as ``adapter_name`` (inactive until :meth:`set_adapter`).
 
-        ``path`` is a folder written by :meth:`save_pretrained` (the adapter
+        ``model_id`` is a folder written by :meth:`save_pretrained` (the adapter
         called ``adapter_name``, or its only adapter) or one adapter's folder.
         Every file is checked against its hash, and the adapter's recorded base
         model against this one; on any error the model is left as it was.
         """
-        saved = storage.read(Path(path), adapter_name)
+        saved = storage.read(Path(model_id), adapter_name)
         serialization.load_adapter(self, saved, adapter_name, is_trainable=is_trainable, strict=strict)
 
 

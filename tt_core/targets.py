@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from torch import nn
@@ -46,18 +47,26 @@ def input_embedding_name(model: nn.Module) -> str:
     raise ValueError("get_input_embeddings() returned a module that is not part of the model")
 
 
-def resolve_targets(model: nn.Module, target_modules: Iterable[str] | None) -> list[str]:
+def resolve_targets(model: nn.Module, target_modules: Iterable[str] | str | None) -> list[str]:
     """Full names of the modules to adapt.
 
-    ``None`` means the input embedding. A given name matches a module whose full
-    name equals it or ends with ``"." + name``.
+    ``None`` means the input embedding. A string is a regular expression that
+    must match a module's full name (as in PEFT); a name in a list matches a
+    module whose full name equals it or ends with ``"." + name``.
     """
     if target_modules is None:
         return [input_embedding_name(model)]
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
     names = [name for name, _ in named_base_modules(model) if name]
-    found: list[str] = []
+    if isinstance(target_modules, str):
+        found = [name for name in names if re.fullmatch(target_modules, name)]
+        if not found:
+            raise ValueError(
+                f"target_modules={target_modules!r} (a regular expression, matched against full module "
+                f"names) matches no module of {type(model).__name__}. Embedding modules here: "
+                f"{embedding_like(model)}"
+            )
+        return found
+    found = []
     for wanted in target_modules:
         matches = [name for name in names if name == wanted or name.endswith("." + wanted)]
         if not matches:

@@ -431,9 +431,9 @@ def test_safe_merge_checks_in_the_weights_dtype():
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda m: m.set_adapter(None), TypeError, "adapter_names must be an adapter name or a list"),
-        (lambda m: m.set_adapter(3), TypeError, "adapter_names must be an adapter name or a list"),
-        (lambda m: m.set_adapter(["default", 3]), TypeError, "adapter_names must be"),
+        (lambda m: m.set_adapter(None), TypeError, "adapter_name must be an adapter name or a list"),
+        (lambda m: m.set_adapter(3), TypeError, "adapter_name must be an adapter name or a list"),
+        (lambda m: m.set_adapter(["default", 3]), TypeError, "adapter_name must be"),
         (lambda m: m.merge_adapter(5), TypeError, "adapter_names must be"),
         (lambda m: m.merge_and_unload(adapter_names={"default"}), TypeError, "adapter_names must be"),
         (lambda m: m.delete_adapter(None), TypeError, "adapter_name must be"),

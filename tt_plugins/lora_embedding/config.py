@@ -8,6 +8,7 @@ import numbers
 from typing import ClassVar
 
 from tt_core import AdapterConfig
+from tt_core.config import check_target_modules
 
 
 @dataclasses.dataclass
@@ -23,8 +24,8 @@ class LoraEmbeddingConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora_embedding"
     r: int = 8
-    lora_alpha: float = 16
-    target_modules: list[str] | None = None
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
     init_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -45,10 +46,7 @@ class LoraEmbeddingConfig(AdapterConfig):
             )
         # plain Python numbers, so adapter_config.json can hold them (numpy scalars cannot)
         self.lora_alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        elif self.target_modules is not None:
-            self.target_modules = list(self.target_modules)
+        self.target_modules = check_target_modules(self.target_modules)
 
     @property
     def scaling(self) -> float:

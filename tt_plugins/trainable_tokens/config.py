@@ -7,6 +7,7 @@ import numbers
 from typing import Any, ClassVar
 
 from tt_core import AdapterConfig
+from tt_core.config import check_target_modules
 
 TokenIndices = list[int] | dict[str, list[int]]
 
@@ -53,7 +54,7 @@ class TrainableTokensConfig(AdapterConfig):
 
     method: ClassVar[str] = "trainable_tokens"
     token_indices: TokenIndices = dataclasses.field(default_factory=list)
-    target_modules: list[str] | None = None
+    target_modules: list[str] | str | None = None
     init_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -65,10 +66,7 @@ class TrainableTokensConfig(AdapterConfig):
             }
         else:
             self.token_indices = _clean_indices(self.token_indices, "")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        elif self.target_modules is not None:
-            self.target_modules = list(self.target_modules)
+        self.target_modules = check_target_modules(self.target_modules)
 
     def indices_for(self, target_name: str) -> list[int] | None:
         """The ids for one target module (a dict key may be a suffix of its full name)."""

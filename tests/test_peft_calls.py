@@ -1,0 +1,134 @@
+"""PEFT's calls, answered as PEFT answers them (checked against the real peft where it can answer)."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import peft
+import pytest
+import torch
+from models import batch, build, logits
+
+from tt_core import AdapterModel, get_adapter_model
+from tt_plugins.lora_embedding import LoraEmbeddingConfig
+from tt_plugins.trainable_tokens import TrainableTokensConfig
+
+
+def _positional(function) -> list[str]:
+    return [
+        name
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and name != "self"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (AdapterModel.merge_and_unload, peft.tuners.lora.LoraModel.merge_and_unload),
+        (
+            AdapterModel.merge_adapter,
+            peft.tuners.tuners_utils.BaseTuner.merge_adapter,
+        ),
+        (AdapterModel.set_adapter, peft.PeftModel.set_adapter),
+        (AdapterModel.delete_adapter, peft.PeftModel.delete_adapter),
+        (AdapterModel.set_requires_grad, peft.PeftModel.set_requires_grad),
+        (AdapterModel.add_adapter, peft.PeftModel.add_adapter),
+        (AdapterModel.load_adapter, peft.PeftModel.load_adapter),
+        (AdapterModel.from_pretrained, peft.PeftModel.from_pretrained),
+        (AdapterModel.save_pretrained, peft.PeftModel.save_pretrained),
+    ],
+)
+def test_the_verbs_take_peft_arguments_in_peft_order(ours, theirs):
+    mine = _positional(ours)
+    reference = _positional(theirs)
+    assert mine == reference[: len(mine)], f"{ours.__name__}: ours {mine}, PEFT's {reference}"
+
+
+def test_merge_and_unload_takes_peft_positional_arguments():
+    adapter_model = get_adapter_model(
+        build("llama_tied"), TrainableTokensConfig(token_indices=[5], init_weights=False)
+    )
+    inputs = batch("llama", [5])
+    with torch.no_grad():
+        expected = logits(adapter_model, inputs)
+    merged = adapter_model.merge_and_unload(True, True, ["default"])  # progressbar, safe_merge, adapter_names
+    with torch.no_grad():
+        torch.testing.assert_close(logits(merged, inputs), expected, atol=1e-6, rtol=0)
+
+
+def test_active_adapter_peft_config_and_status_answer_like_peft():
+    model = build("llama")
+    ours = get_adapter_model(model, TrainableTokensConfig(token_indices=[5]))
+    theirs = peft.get_peft_model(build("llama"), peft.TrainableTokensConfig(token_indices=[5]))
+    assert ours.active_adapter == theirs.active_adapter == "default"
+    assert ours.active_adapters == theirs.active_adapters == ["default"]
+    assert set(ours.peft_config) == set(theirs.peft_config) == {"default"}
+    assert ours.peft_config["default"].token_indices == [5]
+
+    layer = ours.get_layer_status()
+    assert [status.name for status in layer] == ["model.embed_tokens"]
+    assert layer[0].active_adapters == ["default"] and layer[0].requires_grad == {"default": True}
+    status = ours.get_model_status()
+    reference = theirs.get_model_status()
+    for field in ("active_adapters", "merged_adapters", "requires_grad", "available_adapters", "enabled"):
+        assert getattr(status, field) == getattr(reference, field), field
+    assert status.trainable_params == reference.trainable_params == 16
+    assert status.peft_types == {"default": "trainable_tokens"}
+
+
+def test_set_requires_grad_and_set_adapter_inference_mode():
+    adapter_model = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5]))
+    rows = adapter_model.model.model.embed_tokens.adapters["default"].trainable_tokens_rows
+    adapter_model.set_requires_grad("default", False)
+    assert not rows.requires_grad
+    adapter_model.set_requires_grad(["default"])
+    assert rows.requires_grad
+    adapter_model.set_adapter("default", inference_mode=True)
+    assert not rows.requires_grad
+    with pytest.raises(TypeError, match="requires_grad must be True or False"):
+        adapter_model.set_requires_grad("default", "yes")
+
+
+def test_deleting_the_active_adapter_activates_another_with_a_warning_as_peft_does():
+    adapter_model = AdapterModel(build("llama"))
+    adapter_model.add_adapter("first", TrainableTokensConfig(token_indices=[5]))
+    adapter_model.add_adapter("second", TrainableTokensConfig(token_indices=[6]))
+    adapter_model.set_adapter("second")
+    with pytest.warns(UserWarning, match="'second' was active and is now deleted; 'first' is active now"):
+        adapter_model.delete_adapter("second")
+    assert adapter_model.active_adapters == ["first"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter_model.delete_adapter("first")  # the last one: nothing left to activate
+    assert adapter_model.active_adapters == []
+
+
+def test_lora_defaults_equal_peft_and_a_string_target_is_a_full_match_regex():
+    ours, theirs = LoraEmbeddingConfig(), peft.LoraConfig()
+    assert (ours.r, ours.lora_alpha) == (theirs.r, theirs.lora_alpha) == (8, 8)
+    model = build("llama_tied")
+    adapter_model = get_adapter_model(model, LoraEmbeddingConfig(target_modules=r"model\.embed_tokens"))
+    assert type(adapter_model.model.model.embed_tokens).__name__ == "AdapterLayer"
+    with pytest.raises(ValueError, match="matches no module"):
+        get_adapter_model(build("llama"), LoraEmbeddingConfig(target_modules="embed"))  # full match only
+    with pytest.raises(ValueError, match="not a valid one"):
+        LoraEmbeddingConfig(target_modules="embed[")
+
+
+def test_adapter_names_in_forward_or_generate_is_refused_not_swallowed():
+    adapter_model = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5]))
+    inputs = batch("llama", [5])
+    with pytest.raises(ValueError, match="adapter_names= .* is not supported yet"):
+        adapter_model(**inputs, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="adapter_names= .* is not supported yet"):
+        adapter_model.generate(**inputs, adapter_names=["default", "default"], max_new_tokens=2)
+    out = adapter_model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, 12)
+
+
+def test_own_arguments_are_keyword_only():
+    adapter_model = AdapterModel(build("llama"))
+    with pytest.raises(TypeError):
+        adapter_model.add_adapter("x", TrainableTokensConfig(token_indices=[5]), False)
