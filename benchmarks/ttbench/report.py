@@ -1,0 +1,194 @@
+"""The tables, the ratios and the JSON summary of a run.
+
+The tables always have the floor, tt and peft columns ("-" where a setup did
+not run). Any other setup adds its own columns after those: its ratio to the
+floor (train step), its memory (before the RSS columns of ``--memory rss``),
+its inference time and ratio to the base model when it infers, its checkpoint
+bytes and row copies when it saves one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ttbench.shapes import INFERENCE_TOKENS
+
+COMPARED = ("floor", "tt", "peft")  # the columns every table has
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or not denominator:
+        return "-"
+    return f"{numerator / denominator:.3f}"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _others(groups: Iterable[Iterable[str]], known: tuple[str, ...]) -> list[str]:
+    """Names beyond ``known``, in the order they first appear."""
+    found: list[str] = []
+    for group in groups:
+        found += [name for name in group if name not in known and name not in found]
+    return found
+
+
+def train_ratios(result: dict[str, Any]) -> str:
+    """The one-line summary printed after each shape."""
+    t = {name: v["train"]["median_s"] for name, v in result["setups"].items()}
+    return f"train tt/floor {_ratio(t.get('tt'), t['floor'])}, peft/floor {_ratio(t.get('peft'), t['floor'])}"
+
+
+def _train_table(results: list[dict[str, Any]]) -> list[str]:
+    others = _others([r["setups"] for r in results], COMPARED)
+    rows = []
+    for r in results:
+        wall = {name: v["train"]["median_s"] for name, v in r["setups"].items()}
+        # tt/floor within each round: how far machine noise moves the ratio.
+        floor_s = r["setups"]["floor"]["train"]["wall_s"]
+        tt_s = r["setups"]["tt"]["train"]["wall_s"] if "tt" in r["setups"] else None
+        per_round = min_min = "-"
+        if tt_s is not None:
+            pairs = [t / f for t, f in zip(tt_s, floor_s, strict=True)]
+            per_round, min_min = f"{min(pairs):.2f}-{max(pairs):.2f}", _ratio(min(tt_s), min(floor_s))
+        row = [r["shape"], *("-" if name not in wall else f"{wall[name]:.3f}" for name in COMPARED)]
+        row += [_ratio(wall.get("tt"), wall["floor"]), per_round, min_min]
+        row += [_ratio(wall.get("peft"), wall["floor"]), _ratio(wall.get("tt"), wall.get("peft"))]
+        row += [_ratio(wall.get(name), wall["floor"]) for name in others]
+        rows.append(row)
+    head = ["shape", "floor s", "tt s", "peft s", "tt/floor", "per round", "min/min", "peft/floor", "tt/peft"]
+    head += [f"{name}/floor" for name in others]
+    title = (
+        "Train step (median wall time; per round: tt/floor within each round; min/min: fastest over fastest)"
+    )
+    return _table(title, head, rows)
+
+
+def _memory_table(results: list[dict[str, Any]]) -> list[str]:
+    others = _others([r["setups"] for r in results], COMPARED)
+    have_rss = any("rss_peak_bytes" in v for r in results for v in r["setups"].values())
+    rows = []
+    for r in results:
+        memory = {name: v["memory_bytes"] for name, v in r["setups"].items()}
+        row = [r["shape"], *(_mib(memory.get(name)) for name in COMPARED)]
+        row += [_ratio(memory.get("tt"), memory["floor"]), _ratio(memory.get("peft"), memory["floor"])]
+        row += [_mib(memory.get(name)) for name in others]
+        if have_rss:
+            rss = [r["setups"].get(name, {}).get("rss_peak_bytes") for name in COMPARED]
+            row += [" / ".join(_mib(value) for value in rss), _ratio(rss[1], rss[0])]
+        rows.append(row)
+    head = ["shape", "floor MiB", "tt MiB", "peft MiB", "tt/floor", "peft/floor"]
+    head += [f"{name} MiB" for name in others]
+    head += ["RSS floor / tt / peft MiB", "RSS tt/floor"] if have_rss else []
+    title = "Training memory over the built model (adapter tensors + peak of the first step)"
+    return _table(title, head, rows)
+
+
+def _inference_table(results: list[dict[str, Any]]) -> list[str]:
+    others = _others([r["inference"] for r in results], ("base", "tt", "peft"))
+    rows = []
+    for r in results:
+        i = {name: v["median_s"] for name, v in r["inference"].items()}
+        row = [
+            r["shape"],
+            *("-" if name not in i else f"{1e3 * i[name]:.1f}" for name in ("base", "tt", "peft")),
+        ]
+        row += [_ratio(i.get("tt"), i["base"]), _ratio(i.get("peft"), i["base"])]
+        row += [_ratio(i.get("tt"), i.get("peft"))]
+        for name in others:
+            row += ["-" if name not in i else f"{1e3 * i[name]:.1f}", _ratio(i.get(name), i["base"])]
+        rows.append(row)
+    head = ["shape", "base ms", "tt ms", "peft ms", "tt/base", "peft/base", "tt/peft"]
+    for name in others:
+        head += [f"{name} ms", f"{name}/base"]
+    return _table(f"Unmerged inference, 1 x {INFERENCE_TOKENS} tokens (median wall time)", head, rows)
+
+
+def _checkpoint_table(results: list[dict[str, Any]]) -> list[str]:
+    saving = [
+        [name for name, v in r["setups"].items() if v.get("checkpoint_bytes") is not None] for r in results
+    ]
+    names = ["tt", "peft", *_others(saving, COMPARED)]
+    rows = []
+    for r in results:
+        expected = r["expected_checkpoint_data_bytes"]
+        entries = [r["setups"].get(name, {}) for name in names]
+        sizes = [entry.get("checkpoint_bytes") for entry in entries]
+        data = [entry.get("checkpoint_data_bytes") for entry in entries]
+        cells = [
+            ("-" if size is None else str(size), "-" if value is None else f"{value / expected:g}")
+            for size, value in zip(sizes, data, strict=True)
+        ]
+        row = [r["shape"], str(expected), cells[0][0], cells[1][0], cells[0][1], cells[1][1]]
+        row += [cell for pair in cells[2:] for cell in pair]
+        rows.append(row)
+    head = ["shape", "k x d x 4", "tt file bytes", "peft file bytes", "tt row copies", "peft row copies"]
+    for name in names[2:]:
+        head += [f"{name} file bytes", f"{name} row copies"]
+    return _table("Checkpoint weight files", head, rows)
+
+
+def _profile_lines(results: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for r in results:
+        if "profile" not in r:
+            continue
+        for phase, reference in (("train", "floor"), ("inference", "base")):
+            found = r["profile"][phase]
+            lines += ["", f"Profile, {r['shape']}, {phase}: self CPU ms per call beyond {reference}"]
+            for name, entry in found.items():
+                if name == reference:
+                    continue
+                lines.append(
+                    f"  {name}: {1e3 * entry['own_ops_s']:.2f} ms in ops the {reference} does not run; "
+                    f"all ops {1e3 * entry['total_s']:.1f} ms vs {1e3 * found[reference]['total_s']:.1f} ms"
+                )
+                lines += [f"    {1e3 * seconds:+9.3f}  {op[:110]}" for op, seconds in entry["extra_ops"]]
+    return lines
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    """All tables of a run's per-shape results (and the profiles, where measured)."""
+    lines = _train_table(results)
+    lines += _memory_table(results)
+    lines += _inference_table(results)
+    lines += _checkpoint_table(results)
+    lines += _profile_lines(results)
+    return "\n".join(lines)
+
+
+def summary(
+    machine: dict[str, Any],
+    command: str,
+    wall_s: float,
+    load_end: str,
+    process_peak_rss_bytes: int,
+    results: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What ``--json`` writes."""
+    return {
+        "machine": machine,
+        "command": command,
+        "wall_s": wall_s,
+        "load_end": load_end,
+        "process_peak_rss_bytes": process_peak_rss_bytes,
+        "results": results,
+    }
+
+
+def write_json(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=1))
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The per-shape results of a saved ``--json`` run."""
+    return json.loads(path.read_text())["results"]

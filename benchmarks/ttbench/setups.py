@@ -1,0 +1,151 @@
+"""The setups compared, each built over a module tree that shares the base model's weights.
+
+A setup is a function ``(model, shape) -> Setup`` registered under a name with
+:func:`register_setup`. ``model`` is the setup's own copy of the module tree
+(:func:`sharing_copy`: same parameter and buffer tensors as the base, ties
+kept); the function makes some parameters trainable, or adds them, and says how
+to save the result. Measurement and report code only see :class:`Setup`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttbench.shapes import Shape
+
+SetupFactory = Callable[[nn.Module, Shape], "Setup"]
+FACTORIES: dict[str, SetupFactory] = {}
+REFERENCE = "floor"  # the setup every other one is compared with; always run
+
+
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A new module tree over the same parameters and buffers (ties kept: one memo entry per tensor)."""
+    return copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+
+
+@dataclasses.dataclass
+class Setup:
+    """One setup, ready to train.
+
+    ``save`` writes its checkpoint into a folder (None: nothing to save).
+    ``infer``: time its unmerged inference against the base model.
+    ``extra_inputs``: keyword arguments a call needs beside ``input_ids``, given
+    the ids (e.g. one adapter name per sample); computed outside the timed calls
+    for inference, per step for training.
+    """
+
+    name: str
+    model: nn.Module
+    trainable: list[nn.Parameter]
+    save: Callable[[Path], None] | None
+    optimizer: torch.optim.Optimizer | None = None
+    infer: bool = False
+    extra_inputs: Callable[[torch.Tensor], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.trainable or not all(p.requires_grad for p in self.trainable):
+            raise RuntimeError(f"{self.name}: the setup has no trainable parameters, or frozen ones")
+
+    def inputs(self, input_ids: torch.Tensor) -> dict[str, Any]:
+        """The keyword arguments of one call on ``input_ids``."""
+        extra = self.extra_inputs(input_ids) if self.extra_inputs is not None else {}
+        return {"input_ids": input_ids, **extra}
+
+
+def register_setup(name: str) -> Callable[[SetupFactory], SetupFactory]:
+    """Register ``(model, shape) -> Setup`` under ``name`` (``--setups name`` runs it)."""
+
+    def register(factory: SetupFactory) -> SetupFactory:
+        if name in FACTORIES:
+            raise ValueError(f"setup {name!r} is registered already")
+        FACTORIES[name] = factory
+        return factory
+
+    return register
+
+
+def setup_names() -> list[str]:
+    return list(FACTORIES)
+
+
+def make_setup(name: str, base: nn.Module, shape: Shape) -> Setup:
+    factory = FACTORIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown setup {name!r}")
+    return factory(sharing_copy(base), shape)
+
+
+@register_setup("floor")
+def floor_setup(model: nn.Module, shape: Shape) -> Setup:
+    """The frozen base; the only trainable parameter is a zero bias on the embedding output."""
+    embedding: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
+    bias = nn.Parameter(torch.zeros(shape.width))
+    embedding.register_forward_hook(lambda _module, _args, output: output + bias)
+    model.floor_bias = bias  # keeps it alive with the model
+    return Setup("floor", model, [bias], None)
+
+
+@register_setup("tt")
+def tt_setup(model: nn.Module, shape: Shape) -> Setup:
+    """tt_core.get_adapter_model with TrainableTokensConfig."""
+    from tt_core import get_adapter_model
+    from tt_plugins.trainable_tokens import TrainableTokensConfig
+
+    adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=shape.token_indices))
+    trainable = [p for p in adapter_model.parameters() if p.requires_grad]
+    return Setup("tt", adapter_model, trainable, lambda path: adapter_model.save_pretrained(path), infer=True)
+
+
+@register_setup("peft")
+def peft_setup(model: nn.Module, shape: Shape) -> Setup:
+    """peft.get_peft_model with peft.TrainableTokensConfig."""
+    import peft
+
+    peft_model = peft.get_peft_model(model, peft.TrainableTokensConfig(token_indices=shape.token_indices))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    return Setup(
+        "peft", peft_model, trainable, lambda path: peft_model.save_pretrained(str(path)), infer=True
+    )
+
+
+@register_setup("full")
+def full_setup(model: nn.Module, shape: Shape) -> Setup:
+    """The input embedding (and a head tied to it) trained whole."""
+    embedding: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
+    weight = nn.Parameter(embedding.weight.detach().clone())  # type: ignore[operator]
+    embedding.weight = weight
+    if shape.tied:
+        model.get_submodule("lm_head").weight = weight
+    return Setup("full", model, [weight], None)
+
+
+def added_bytes(setup: Setup, base: nn.Module) -> int:
+    """Bytes of the parameters and buffers a setup holds beyond the base model's."""
+    base_pointers = {t.data_ptr() for t in [*base.parameters(), *base.buffers()]}
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*setup.model.parameters(), *setup.model.buffers()]:
+        pointer = tensor.data_ptr()
+        if pointer in base_pointers or pointer in seen or tensor.device.type == "meta":
+            continue
+        seen.add(pointer)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def train_step(setup: Setup, input_ids: torch.Tensor) -> None:
+    """Forward, LlamaForCausalLM loss with labels = input ids, backward, AdamW step."""
+    if setup.optimizer is None:
+        setup.optimizer = torch.optim.AdamW(setup.trainable, lr=1e-4)
+    extra = setup.extra_inputs(input_ids) if setup.extra_inputs is not None else {}
+    loss = setup.model(input_ids=input_ids, labels=input_ids, **extra).loss
+    loss.backward()
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,181 @@
+"""Smoke test of benchmarks/: the whole benchmark, in-process, on a tiny shape."""
+
+from __future__ import annotations
+
+import gc
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ENTRY = BENCHMARKS / "bench_trainable_tokens.py"
+SHAPES = ["v512-d32-tied-k4-b2x16", "v512-d32-untied-k4-b2x16"]
+TABLES = {
+    "Train step": [
+        "shape",
+        "floor s",
+        "tt s",
+        "peft s",
+        "tt/floor",
+        "per round",
+        "min/min",
+        "peft/floor",
+        "tt/peft",
+    ],
+    "Training memory": ["shape", "floor MiB", "tt MiB", "peft MiB", "tt/floor", "peft/floor"],
+    "Unmerged inference": ["shape", "base ms", "tt ms", "peft ms", "tt/base", "peft/base", "tt/peft"],
+    "Checkpoint weight files": [
+        "shape",
+        "k x d x 4",
+        "tt file bytes",
+        "peft file bytes",
+        "tt row copies",
+        "peft row copies",
+    ],
+}
+
+
+@pytest.fixture
+def ttbench(monkeypatch):
+    """The benchmark package, with the process state its main() sets put back afterwards."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("KINETO_LOG_LEVEL", "5")
+    threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
+    from ttbench import cli, report
+
+    # The benchmark runs gc.collect() before each timed step (outside the timing). In a
+    # test process holding torch, transformers, peft and the suite, each takes ~0.5 s
+    # over objects that live on anyway; frozen, they are skipped.
+    gc.freeze()
+    try:
+        yield cli, report
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity(verbosity)
+
+
+def tables(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """{title start: (head, rows)} of the markdown tables in a report."""
+    found = {}
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        title = next((key for key in TABLES if line.startswith(key)), None)
+        if title is None:
+            continue
+        body = []
+        for row in lines[index + 2 :]:
+            if not row.startswith("|"):
+                break
+            body.append([cell.strip() for cell in row.strip("|").split("|")])
+        found[title] = (body[0], body[2:])
+    return found
+
+
+def numbers(value: object) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers(v)]
+    return []
+
+
+def test_tiny_run_end_to_end(ttbench, tmp_path, capsys, monkeypatch):
+    cli, report = ttbench
+    out = tmp_path / "run.json"
+    argv = ["--shapes", ",".join(SHAPES), "--repeats", "2", "--infer-seconds", "0.05", "--json", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+
+    found = tables(printed)
+    assert list(found) == list(TABLES)
+    for title, (head, rows) in found.items():
+        assert head == TABLES[title], title
+        assert [row[0] for row in rows] == SHAPES, title
+        assert all(len(row) == len(head) and "-" not in row for row in rows), title
+    for _, rows in found.values():
+        for row in rows:
+            assert all(float(cell.split("-")[0]) > 0 for cell in row[1:]), row
+    for shape in SHAPES:
+        assert f"{shape}: train tt/floor " in printed
+    _, checkpoint_rows = found["Checkpoint weight files"]
+    tied, untied = checkpoint_rows
+    assert tied[1] == untied[1] == str(4 * 32 * 4)  # k x d x 4
+    assert tied[4] == untied[4] == "1"  # tt stores a tied row once
+    assert tied[5] == "2"  # peft stores it twice
+
+    saved = json.loads(out.read_text())
+    assert saved["command"].startswith("python benchmarks/bench_trainable_tokens.py --shapes")
+    assert [r["shape"] for r in saved["results"]] == SHAPES
+    for result in saved["results"]:
+        assert list(result["setups"]) == ["floor", "tt", "peft"]
+        assert list(result["inference"]) == ["base", "tt", "peft"]
+        for name, entry in result["setups"].items():
+            assert len(entry["train"]["wall_s"]) == 2
+            assert entry["memory_bytes"] > 0 and entry["train"]["median_s"] > 0
+            values = numbers({k: v for k, v in entry.items() if k != "added_bytes"})
+            assert values and all(v > 0 for v in values), name
+        assert len(result["inference"]["base"]["wall_s"]) >= 5
+        assert all(v > 0 for v in numbers(result["inference"]))
+    assert saved["wall_s"] > 0 and saved["process_peak_rss_bytes"] > 0
+
+    # The saved run prints the same tables again, through the script's entry point.
+    monkeypatch.setattr(sys, "argv", [str(ENTRY), "--report", str(out)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ENTRY), run_name="__main__")
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == report.report(saved["results"]).strip()
+    assert report.report(saved["results"]) in printed
+
+
+def test_a_new_setup_adds_columns_without_changing_the_others(ttbench):
+    """A setup beyond floor/tt/peft gets columns at the end; the usual ones stay as they are."""
+    _, report = ttbench
+
+    def timing(seconds: float) -> dict[str, object]:
+        return {"wall_s": [seconds, seconds], "median_s": seconds}
+
+    def setup(seconds: float, memory: int, checkpoint: int | None) -> dict[str, object]:
+        entry = {"train": timing(seconds), "memory_bytes": memory, "checkpoint_bytes": checkpoint}
+        return entry | ({"checkpoint_data_bytes": checkpoint - 100} if checkpoint else {})
+
+    result = {
+        "shape": "v512-d32-tied-k4-b2x16",
+        "expected_checkpoint_data_bytes": 512,
+        "setups": {
+            "floor": setup(1.0, 2**20, None),
+            "tt": setup(1.0, 2**20, 612),
+            "peft": setup(2.0, 2**21, 1124),
+            "stack": setup(1.5, 3 * 2**19, 1124),
+        },
+        "inference": {
+            "base": timing(0.001),
+            "tt": timing(0.001),
+            "peft": timing(0.002),
+            "stack": timing(0.0015),
+        },
+    }
+    without = {
+        **result,
+        "setups": {k: v for k, v in result["setups"].items() if k != "stack"},
+        "inference": {k: v for k, v in result["inference"].items() if k != "stack"},
+    }
+    found, usual = tables(report.report([result])), tables(report.report([without]))
+    for title, (head, rows) in found.items():
+        width = len(usual[title][0])
+        assert head[:width] == usual[title][0] and rows[0][:width] == usual[title][1][0], title
+    assert found["Train step"][0][-1] == "stack/floor" and found["Train step"][1][0][-1] == "1.500"
+    assert found["Training memory"][0][-1] == "stack MiB" and found["Training memory"][1][0][-1] == "1.5"
+    assert found["Unmerged inference"][0][-2:] == ["stack ms", "stack/base"]
+    assert found["Unmerged inference"][1][0][-2:] == ["1.5", "1.500"]
+    head, rows = found["Checkpoint weight files"]
+    assert head[-2:] == ["stack file bytes", "stack row copies"] and rows[0][-2:] == ["1124", "2"]
