@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,12 @@ class SavedAdapter:
 def locked(root: Path) -> Iterator[None]:
     """Hold the writers' lock of ``root`` (a ``filelock`` lock, released by the OS if we die)."""
     root.mkdir(parents=True, exist_ok=True)
-    # mode 0o666: the umask decides, so colleagues sharing the folder can take the lock too.
-    with filelock.FileLock(str(root / LOCK_FILE), mode=0o666):
+    lock = root / LOCK_FILE
+    # Created here with 0o666 so the umask decides its mode (colleagues sharing the folder can take
+    # the lock too); filelock would otherwise set the mode it is given, whatever the umask.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    with filelock.FileLock(str(lock), mode=stat.S_IMODE(lock.stat().st_mode) | 0o600):
         yield
 
 
@@ -159,9 +164,12 @@ def save(
     ``payloads[name]`` are the files of one adapter (its ``adapter_manifest.json``
     included); ``entries[name]`` its manifest entry, without ``path``.
     """
+    if manifest.exists(root):
+        manifest.read(root)  # refuses a newer or damaged folder before even the lock file is made in it
     with locked(root):
         old = manifest.read(root) if manifest.exists(root) else None  # refuses newer or damaged ones
         created: list[Path] = []
+        new_folders = [root / name for name in payloads if not (root / name).exists()]
         try:
             adapters = dict(old.adapters) if old else {}
             for name, files in payloads.items():
@@ -175,6 +183,9 @@ def save(
         except BaseException:
             for folder in created:
                 remove(folder)
+            for folder in new_folders:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # made by this save, and empty again
             raise
         collect_garbage(root, old, document)
 
@@ -223,6 +234,7 @@ def read_all(root: Path, adapter_name: str | None = None) -> tuple[Manifest, dic
     replaces the folder's content meanwhile, the reading starts again.
     """
     listed_in = root / FILENAME
+    failed_unchanged = False
     for _ in range(_READ_ATTEMPTS):
         raw = listed_in.read_bytes()
         found = manifest.parse(listed_in, raw)
@@ -237,9 +249,15 @@ def read_all(root: Path, adapter_name: str | None = None) -> tuple[Manifest, dic
                     folder, entry, read_files(folder, entry, listed_in, extra), listed_in
                 )
             return found, adapters
-        except MissingFiles:
+        except ValueError:  # MissingFiles, or a snapshot seen half removed by a writer's garbage collection
+            # Unchanged twice in a row: nobody is writing, the files are really gone or damaged. (Once is
+            # not proof: writers saving A, B, A again put back the very bytes of the manifest read first.)
             if listed_in.read_bytes() == raw:
-                raise  # nobody is writing: the files are really gone
+                if failed_unchanged:
+                    raise
+                failed_unchanged = True
+            else:
+                failed_unchanged = False
     raise ValueError(f"{root} kept changing while it was read; try again when the writers are done")
 
 
