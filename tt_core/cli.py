@@ -93,7 +93,9 @@ def _plugins(args: argparse.Namespace) -> int:
         )
     else:
         for method in methods:
-            print(f"{method.name:<20} plugin {method.plugin:<20} config {method.config_class.__qualname__}")
+            package = f"{method.distribution} {method.version}" if method.distribution else "(run time)"
+            config = method.config_class.__qualname__
+            print(f"{method.name:<20} {package:<24} plugin {method.plugin:<20} {config}")
         for name, message in manager.failures:
             print(f"FAILED {name}: {_one_line(message)}")
     return _FAILED if manager.failures else 0

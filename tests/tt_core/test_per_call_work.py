@@ -3,28 +3,15 @@
 import pytest
 import torch
 from models import batch, build
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tt_core import get_adapter_model
+from tt_core.testing import TABLE_BUILDING, OpRecorder
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
-# Ops that build a tensor from host data or make a fresh index table.
-_TABLE_BUILDING = {"aten.lift_fresh.default", "aten.full.default", "aten.arange.default", "aten.arange.start"}
-
-
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
 
 def _ops(module, inputs, train: bool) -> list[str]:
-    with _OpRecorder() as recorder:
+    with OpRecorder() as recorder:
         if train:
             module(**inputs).logits.square().mean().backward()
         else:
@@ -42,11 +29,11 @@ def test_the_adapter_forward_builds_no_tables_the_base_model_does_not(train):
     adapter_model.add_adapter("style", LoraEmbeddingConfig(r=2))
     adapter_model.set_adapter(["default", "style"])
     _ops(adapter_model, inputs, train)  # warm-up
-    extra = {op for op in _ops(adapter_model, inputs, train) if op in _TABLE_BUILDING and op not in base_ops}
+    extra = {op for op in _ops(adapter_model, inputs, train) if op in TABLE_BUILDING and op not in base_ops}
     assert extra == set()
 
 
 def test_the_recorder_sees_a_table_built_per_call():
-    with _OpRecorder() as recorder:
+    with OpRecorder() as recorder:
         torch.full((4,), -1)[torch.tensor([1, 2])] = torch.arange(2)
     assert {"aten.full.default", "aten.lift_fresh.default", "aten.arange.default"} <= set(recorder.ops)

@@ -18,42 +18,14 @@ import models
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from tt_core import get_adapter_model
+from tt_core.testing import LargeAllocations
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
 VOCAB, WIDTH = 4096, 64
 BATCH, SEQ = 2, 8  # tokens x width and tokens x vocabulary stay far below VOCAB x WIDTH
 TOKENS = [5, 100, 2047, 4095]
-
-
-class LargeAllocations(TorchDispatchMode):
-    """Counts (op, shape) of every newly allocated op output with at least ``threshold`` elements."""
-
-    def __init__(self, threshold: int) -> None:
-        super().__init__()
-        self.threshold = threshold
-        self.found: Counter[tuple[str, tuple[int, ...]]] = Counter()
-        self.ops: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.add(str(func))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for tensor in tree_flatten(out)[0]:
-            if (
-                isinstance(tensor, torch.Tensor)
-                and tensor.numel() >= self.threshold
-                and tensor.untyped_storage().data_ptr() not in inputs
-            ):
-                self.found[(str(func), tuple(tensor.shape))] += 1
-        return out
 
 
 def _llama(tied: bool) -> nn.Module:
