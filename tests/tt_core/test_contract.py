@@ -448,3 +448,18 @@ def test_public_verbs_refuse_wrong_types_naming_the_argument(call, error, messag
     with pytest.raises(error, match=message):
         call(adapter_model)
     assert _same(before, adapter_model.model) and adapter_model.active_adapters == ["default"]
+
+
+def test_loading_an_adapter_whose_plugin_is_missing_names_the_package_to_install(tmp_path, monkeypatch):
+    get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5])).save_pretrained(tmp_path)
+    monkeypatch.setenv("TT_DISABLE_PLUGINS", "trainable_tokens")
+    without = PluginManager()
+    without.load_entry_points()
+    monkeypatch.setattr(tt_core.serialization, "get_plugin_manager", lambda: without)
+    model = build("llama")
+    with pytest.raises(
+        ValueError,
+        match="method 'trainable_tokens', which no installed plugin provides.*pip install tt-adapters",
+    ):
+        AdapterModel.from_pretrained(model, tmp_path)
+    assert type(model.model.embed_tokens).__name__ == "Embedding"
