@@ -21,7 +21,7 @@ and on ``merge_adapter`` / ``unmerge_adapter``, once per adapted weight::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -98,4 +98,58 @@ def merge(state: AdapterState, weight: torch.Tensor, unmerge: bool) -> bool | No
     exactly; the core unmerges in the reverse order of merging. Return
     ``True`` when handled; anything else is an error and the core undoes the
     merges it already made.
+    """
+
+
+# --------------------------------------------------------------- PEFT's format
+# ``save_pretrained(path, format="peft")`` and loading a PEFT folder go through
+# these two hooks; :mod:`tt_core.peft_format` does the rest (folder layout,
+# safetensors, the ``base_model.model.`` prefix, base weight copies, PEFT's
+# ``trainable_token_indices``). Tensor keys here are module paths relative to
+# the model, without PEFT's prefix and without adapter names, e.g.
+# ``"model.embed_tokens.lora_embedding_A"`` or ``"lm_head.lora_A.weight"``.
+
+
+@hookspec(firstresult=True)
+def peft_export(
+    model: nn.Module, config: AdapterConfig, sites: list[tuple[list[str], dict[str, torch.Tensor]]]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """Return one of this method's adapters as a PEFT adapter: ``(adapter_config, tensors)``.
+
+    Asked only of the plugin that registered ``config``'s method. ``sites``
+    holds, per adapted weight, the names of the modules applying the state
+    (the target first, then the modules tied to it) and the state's
+    ``state_dict()``. ``model`` is the wrapped model (see
+    :func:`tt_core.targets.named_base_modules`). ``adapter_config`` is what
+    PEFT's ``adapter_config.json`` holds for it (``peft_type`` at least; the
+    core adds ``base_model_name_or_path``, ``inference_mode`` and the like);
+    ``tensors`` are PEFT's, keyed as above, one tensor per key (PEFT saves a
+    tied module's tensors again under its own name). The outputs of
+    ``peft.PeftModel.from_pretrained`` must equal this adapter's. Raise
+    ``ValueError`` saying why when PEFT's format cannot express the adapter
+    so that PEFT computes the same outputs; return ``None`` (the default) when
+    the method has no PEFT form at all.
+    """
+
+
+@hookspec(firstresult=True)
+def peft_import(
+    peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
+    """Recognise a PEFT adapter of this plugin's kind and return it as ``(config, tensors)``.
+
+    Asked of every plugin, the first answer wins: return ``None`` unless
+    ``peft_config`` (one ``adapter_config.json``, or the part of it the core
+    split off, such as ``trainable_token_indices`` given as a
+    ``"TRAINABLE_TOKENS"`` config) is of your kind, usually by its
+    ``peft_type``. ``tensors`` are the folder's tensors for it, keyed as
+    above, without copies of base weights (the core checks those). Return
+    your config and the tensors your states load, keyed
+    ``"<target>.<state_dict key>"`` with ``<target>`` the first module of each
+    site as :meth:`AdapterModel.add_adapter` will find it. ``model`` is the
+    model the adapter is loaded onto, or ``None`` when converting without one
+    (publishing to a registry): then trust the folder's layout, and leave
+    checks that need the model to loading. Anything you cannot apply so that
+    the outputs equal PEFT's (an option, a module, a key you do not know) is a
+    ``ValueError`` naming it: never load part of an adapter.
     """

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import os
 import re
 import warnings
@@ -17,7 +19,7 @@ import torch
 import tqdm
 from torch import nn
 
-from tt_core import manifest, serialization, status, storage
+from tt_core import manifest, peft_format, serialization, status, storage, training
 from tt_core.config import AdapterConfig
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.plugins import get_plugin_manager
@@ -96,6 +98,19 @@ def _refuse_per_sample(kwargs: dict[str, Any]) -> None:
 def _call_model(adapter_model: AdapterModel, *args: Any, **kwargs: Any) -> Any:
     _refuse_per_sample(kwargs)
     return adapter_model.model(*args, **kwargs)
+
+
+# transformers.Trainer looks for label columns in the *class's* forward (it has no instance
+# there); most models call them ``labels``, and a dataset without such a column loses nothing.
+# Without it Trainer finds no labels, and evaluation reports no eval_loss. (tt_core/training.py)
+_call_model.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("adapter_model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
 
 
 class _ForwardWithModelSignature:
@@ -405,6 +420,7 @@ class AdapterModel(nn.Module):
 
     def _check_merge_writes(self, names: list[str]) -> None:
         """safe_merge: merge into copies of the weights, in their dtype, and refuse NaN or inf."""
+        training.reshard_fsdp(self)  # FSDP2: write into the sharded weights it keeps, not a gathered copy
         copies: dict[int, torch.Tensor] = {}
         applied: list[tuple[Any, _Site, torch.Tensor]] = []
         try:
@@ -435,6 +451,7 @@ class AdapterModel(nn.Module):
 
     def _merge_one(self, name: str) -> None:
         """Merge one adapter on every site, or on none."""
+        training.reshard_fsdp(self)  # FSDP2: write into the sharded weights it keeps, not a gathered copy
         hooks = self._method_hooks(name)
         done: list[_Site] = []
         try:
@@ -450,6 +467,7 @@ class AdapterModel(nn.Module):
         self._merged.append(name)
 
     def _unmerge_last(self) -> None:
+        training.reshard_fsdp(self)  # FSDP2: write into the sharded weights it keeps, not a gathered copy
         name = self._merged[-1]
         hooks = self._method_hooks(name)
         for site in reversed(self._records[name].sites):
@@ -589,6 +607,8 @@ class AdapterModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
+        *,
+        format: str = "tt",
     ) -> None:
         """Save adapters (default: all) into ``save_directory``, all-or-nothing.
 
@@ -596,8 +616,11 @@ class AdapterModel(nn.Module):
         hashes); adapters saved there before are kept. See docs/manifest.md.
         PEFT's arguments in PEFT's order: only safetensors are written, the
         adapter never needs the whole embedding saved, and a process with
-        ``is_main_process=False`` writes nothing.
+        ``is_main_process=False`` writes nothing. ``format="peft"`` writes what
+        ``peft.PeftModel.from_pretrained`` loads instead (docs/peft.md).
         """
+        if format not in ("tt", "peft"):
+            raise ValueError(f"format={format!r} is not one of 'tt' (tt-adapters' own) and 'peft' (PEFT's)")
         if safe_serialization is not True:
             raise ValueError(
                 "tt-adapters writes safetensors only (nothing is pickled); drop safe_serialization"
@@ -609,8 +632,11 @@ class AdapterModel(nn.Module):
             )
         names = self.adapters if selected_adapters is None else _names(selected_adapters, "selected_adapters")
         self._check_known(names)
-        if is_main_process:
-            serialization.save_pretrained(self, save_directory, names)
+        with training.whole_adapter_tensors(self):  # FSDP2: every rank gathers the rows; one writes
+            if is_main_process and format == "peft":
+                peft_format.save(self, save_directory, names)
+            elif is_main_process:
+                serialization.save_pretrained(self, save_directory, names)
 
     @classmethod
     def from_pretrained(
@@ -632,7 +658,16 @@ class AdapterModel(nn.Module):
         adapter_model = cls(model)
         try:
             root = Path(model_id)
-            if adapter_name is None and manifest.exists(root):
+            if peft_format.is_peft_folder(root):  # PEFT's layout, converted (docs/peft.md)
+                adapter_model.set_adapter(
+                    peft_format.load(adapter_model, root, adapter_name, is_trainable, strict)
+                )
+            elif adapter_name is None and training.is_trainer_folder(root):  # Trainer's save_model()
+                active, saved = training.read_trainer_folder(root)
+                for name, adapter in saved.items():
+                    serialization.load_adapter(adapter_model, adapter, name, is_trainable, strict)
+                adapter_model.set_adapter(active or list(saved))
+            elif adapter_name is None and manifest.exists(root):
                 found, saved = storage.read_all(root)
                 for name, adapter in saved.items():
                     serialization.load_adapter(adapter_model, adapter, name, is_trainable, strict)
@@ -662,9 +697,85 @@ class AdapterModel(nn.Module):
         called ``adapter_name``, or its only adapter) or one adapter's folder.
         Every file is checked against its hash, and the adapter's recorded base
         model against this one; on any error the model is left as it was.
+        A PEFT folder is converted (docs/peft.md); a LoRA with
+        ``trainable_token_indices`` loads as ``adapter_name`` and ``adapter_name + "_tokens"``.
         """
-        saved = storage.read(Path(model_id), adapter_name)
+        if peft_format.is_peft_folder(model_id):
+            peft_format.load(self, model_id, adapter_name, is_trainable, strict)
+            return
+        if training.is_trainer_folder(model_id):  # a folder Trainer wrote (tt_core/training.py)
+            _, found = training.read_trainer_folder(model_id, adapter_name)
+            saved = next(iter(found.values()))
+        else:
+            saved = storage.read(Path(model_id), adapter_name)
         serialization.load_adapter(self, saved, adapter_name, is_trainable=is_trainable, strict=strict)
+
+    # ------------------------------------------- Trainer, DDP, FSDP2 (tt_core/training.py)
+    # transformers.Trainer saves and resumes any nn.Module through state_dict() and
+    # load_state_dict(state, strict=False). An AdapterModel's state is its adapters:
+    # checkpoints hold the rows (once, even when tied) and a description of them,
+    # never the base model, and resuming copies the rows back into the same parameters.
+    def state_dict(  # type: ignore[override]
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """The adapters' tensors, each state once, and ``_extra_state`` (configs, bases, stack).
+
+        The base model's weights are not in it: ``adapter_model.model.state_dict()`` has them.
+        """
+        if args:  # nn.Module's deprecated positional form
+            destination, prefix, keep_vars = (*args, destination, prefix, keep_vars)[:3]
+        if destination is None:
+            destination = collections.OrderedDict()
+            destination._metadata = collections.OrderedDict()
+        for name, record in self._records.items():
+            for site in record.sites:
+                site.state.state_dict(
+                    destination=destination,
+                    prefix=prefix + training.module_key(name, site.modules[0], ""),
+                    keep_vars=keep_vars,
+                )
+        destination[prefix + training.EXTRA_STATE_KEY] = self.get_extra_state()
+        return destination
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load what :meth:`state_dict` returned: the adapters must exist, with the same configs."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        expected = self.state_dict(keep_vars=True)
+        missing = [key for key in expected if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in expected]
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing[:5]}, "
+                f"unexpected keys {unexpected[:5]} ({len(missing)} and {len(unexpected)} in all). An "
+                "AdapterModel's state_dict() holds its adapters only; load base-model weights into "
+                "adapter_model.model"
+            )
+        if self._merged:
+            raise RuntimeError(
+                f"adapters {self._merged} are merged into the base weights; unmerge_adapter() before "
+                "loading adapter rows, or the weights would keep the old ones"
+            )
+        ours = {key: value for key, value in state_dict.items() if key in expected}
+        super().load_state_dict(ours, strict=False, assign=assign)
+        return _IncompatibleKeys(missing, unexpected)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return training.encode(training.describe(self))
+
+    def set_extra_state(self, state: Any) -> None:
+        """Refuse a state whose adapters this model lacks or has with other configs."""
+        training.check_matches(self, training.decode(state, "the state_dict"), "the state_dict")
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        # Read by DistributedDataParallel: the adapters' constant buffers (token ids, the id-to-row
+        # table) are built by every rank, so they need no broadcast every step.
+        return training.ddp_ignored_names(self) + list(self.__dict__.get("_ddp_also_ignored", []))
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: list[str]) -> None:
+        self.__dict__["_ddp_also_ignored"] = list(names)
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:

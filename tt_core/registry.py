@@ -29,7 +29,7 @@ from typing import Any
 import platformdirs
 from torch import nn
 
-from tt_core import manifest, serialization, storage
+from tt_core import manifest, peft_format, serialization, storage
 from tt_core.manifest import ADAPTER_MANIFEST
 from tt_core.model import AdapterModel, check_adapter_name
 
@@ -94,11 +94,12 @@ def added_tokens(tokenizer: Any) -> list[dict[str, Any]]:
     ]
 
 
-def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str) -> list[str]:
+def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str, add: bool = True) -> list[str]:
     """Add the recorded tokens ``tokenizer`` lacks, at their recorded ids; return the ones added.
 
     Refuses, changing nothing, when a token has another id here or the
-    missing ones cannot land on their ids.
+    missing ones cannot land on their ids. ``add=False`` only checks, and
+    returns the ones it would add.
     """
     vocabulary = tokenizer.get_vocab()
     missing = []
@@ -120,6 +121,8 @@ def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str) -
             f"has {start} tokens, so they would land at {list(range(start, start + len(missing)))}. "
             "Load the tokenizer the adapter was published with."
         )
+    if not add:
+        return [token["content"] for token in missing]
     for token in missing:
         tokenizer.add_tokens([token["content"]], special_tokens=token["special"])
         if tokenizer.convert_tokens_to_ids(token["content"]) != token["id"]:
@@ -173,8 +176,14 @@ class Registry:
         description: str = "",
         tokenizer: Any = None,
     ) -> int:
-        """Publish an adapter saved by ``save_pretrained`` (checked first) as a new version of ``name``."""
-        saved = storage.read(Path(path), adapter)
+        """Publish an adapter saved by ``save_pretrained`` (checked first) as a new version of ``name``.
+
+        A folder in PEFT's format is converted to tt-adapters' files first (docs/peft.md).
+        """
+        if peft_format.is_peft_folder(path):
+            saved = peft_format.read_one(path, adapter)
+        else:
+            saved = storage.read(Path(path), adapter)
         serialization.read_config(saved)
         entry = {key: value for key, value in saved.entry.items() if key != "path"}
         files = dict(saved.files)
@@ -290,6 +299,8 @@ class Registry:
                 raise ValueError(f"packaged adapter {name!r} cannot be read: {packaged[name].description}")
             return packaged[name]
         versions = self._numbers(name)
+        if version not in (None, *versions) and (self.root / name / f"{version}{_REMOVED}").exists():
+            raise ValueError(f"{name}@{version} was removed (versions left: {versions})")
         if not versions:
             raise ValueError(
                 f"no adapter {name!r} in the registry at {self.root} (it has: {self.names()}); "
@@ -299,9 +310,13 @@ class Registry:
             version = versions[-1]
         elif version not in versions:
             raise ValueError(f"{name!r} has no version {version} in {self.root} (versions: {versions})")
+        folder = self.root / name / str(version)
         try:
-            return self._describe(name, version, self.root / name / str(version), "local")
-        except FileNotFoundError:
+            return self._describe(name, version, folder, "local")
+        except (OSError, ValueError):
+            if folder.is_dir():
+                raise
+            # manifest.read reports a missing manifest.json as a ValueError; here it means a remove() won.
             raise ValueError(f"{name}@{version} was removed while it was being read") from None
 
     # --------------------------------------------------------------- loading
@@ -330,7 +345,8 @@ class Registry:
         saved = {}
         for info in infos:
             try:
-                saved[info.name] = storage.read_all(info.path)[1][info.name]
+                # A package's folder may hold its one adapter under another name ("default", say).
+                saved[info.name] = next(iter(storage.read_all(info.path, info.name)[1].values()))
             except (FileNotFoundError, storage.MissingFiles):
                 raise ValueError(f"{info.spec} was removed while it was being loaded") from None
             serialization.read_config(saved[info.name])
@@ -357,16 +373,32 @@ class Registry:
     def _prepare_tokenizer(
         self, base_model: nn.Module, into: AdapterModel | None, tokenizer: Any, infos: list[Published]
     ) -> None:
+        # Every check runs before the tokenizer changes: a refused load leaves it as it was.
+        recorded: dict[str, dict[str, Any]] = {}  # by content, each with the spec that records it
+        at_id: dict[int, dict[str, Any]] = {}
         for info in infos:
-            sync_tokenizer(tokenizer, info.added_tokens, info.spec)
+            for token in info.added_tokens:
+                for seen in (recorded.get(token["content"]), at_id.get(token["id"])):
+                    if seen is not None and (seen["content"], seen["id"]) != (token["content"], token["id"]):
+                        raise ValueError(
+                            f"{seen['spec']} records token {seen['content']!r} at id {seen['id']} and "
+                            f"{info.spec} token {token['content']!r} at id {token['id']}: they were "
+                            "published with different tokenizers and cannot be loaded together"
+                        )
+                recorded[token["content"]] = at_id[token["id"]] = {**token, "spec": info.spec}
+        tokens = [{k: v for k, v in token.items() if k != "spec"} for token in recorded.values()]
+        where = infos[0].spec if len(infos) == 1 else f"the adapters {[info.spec for info in infos]}"
+        missing = sync_tokenizer(tokenizer, tokens, where, add=False)
         model: Any = into.model if into is not None else base_model
         rows = int(model.get_input_embeddings().weight.shape[0])
+        size = len(tokenizer) + len(missing)
+        if rows < size and into is not None and into.adapters:
+            raise ValueError(
+                f"the tokenizer would have {size} tokens but the model's embedding {rows} rows, "
+                "and a model carrying adapters cannot be resized; resize before adding adapters"
+            )
+        sync_tokenizer(tokenizer, tokens, where)
         if rows < len(tokenizer):
-            if into is not None and into.adapters:
-                raise ValueError(
-                    f"the tokenizer now has {len(tokenizer)} tokens but the model's embedding {rows} rows, "
-                    "and a model carrying adapters cannot be resized; resize before adding adapters"
-                )
             model.resize_token_embeddings(len(tokenizer))
 
     # -------------------------------------------------------------- removing
@@ -380,6 +412,10 @@ class Registry:
         if name in self._packaged():
             raise ValueError(
                 f"{name!r} is provided read-only by {self._packaged()[name].source}; uninstall it instead"
+            )
+        if not (self.root / name / str(version)).is_dir():
+            raise ValueError(
+                f"{name!r} has no version {version} in {self.root} (versions: {self.versions(name)})"
             )
         with storage.locked(self.root):
             folder = self.root / name / str(version)

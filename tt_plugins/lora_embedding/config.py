@@ -19,7 +19,12 @@ class LoraEmbeddingConfig(AdapterConfig):
     ``target_modules=None`` targets the module that ``get_input_embeddings()``
     returns. ``init_weights=True`` starts ``A`` at zero (a no-op);
     ``False`` starts both factors random, with an update about the size of the
-    base rows.
+    base rows. ``adapt_tied_modules=True`` applies the update to every module
+    holding a target's weight too (a tied LM head, T5's encoder and decoder
+    embeddings), with one shared state; ``False`` adapts only the targets, each
+    with its own factors, as PEFT's LoRA does (what a PEFT LoRA folder loads
+    as). Such an adapter cannot be merged while an unadapted module shares the
+    weight.
     """
 
     method: ClassVar[str] = "lora_embedding"
@@ -27,6 +32,7 @@ class LoraEmbeddingConfig(AdapterConfig):
     lora_alpha: float = 8
     target_modules: list[str] | str | None = None
     init_weights: bool = True
+    adapt_tied_modules: bool = True
 
     def __post_init__(self) -> None:
         # bool is an int to Python, but r=True is certainly a mistake.

@@ -3,16 +3,19 @@
 What differs from the core defaults: targets may come from a
 ``{module: ids}`` dict, ties must agree on the ids, and no module sharing
 the weight may have its padding row trained. Merging is the state's own.
+PEFT's TRAINABLE_TOKENS type maps onto it (see docs/peft.md).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from tt_core import hookimpl
+from tt_core import hookimpl, peft_format
 from tt_core.plugins import MethodRegister
-from tt_core.targets import find_tied_modules, named_base_modules, resolve_targets
+from tt_core.targets import find_tied_modules, input_embedding_name, named_base_modules, resolve_targets
 from tt_plugins.trainable_tokens.config import TrainableTokensConfig
 from tt_plugins.trainable_tokens.layer import TrainableTokensLayer
 
@@ -76,3 +79,159 @@ def tie_handler(
         # The rows are shared: a padding row of any module using the weight must stay as it is.
         _refuse_padding_row(mine, name, modules[name])
     return tied
+
+
+# ------------------------------------------------------- PEFT's TRAINABLE_TOKENS
+# PEFT's TrainableTokensLayer keeps the new rows themselves in trainable_tokens_delta (k x width), as
+# trainable_tokens_rows here, and saves them again under every module tied to the embedding. On an
+# nn.Linear head it computes F.linear(x, W), without the head's bias.
+
+_ROWS_KEY = "trainable_tokens_delta"
+
+
+def _refuse_biased_heads(modules: dict[str, nn.Module], names: list[str]) -> None:
+    for name in names:
+        module = modules[name]
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            raise ValueError(
+                f"{name} has a bias, which PEFT's trainable tokens leave out of the head's outputs "
+                "(F.linear(x, W)) while tt-adapters keeps it: the outputs would differ"
+            )
+
+
+def _check_peft_ties(model: nn.Module, names: list[str]) -> None:
+    """PEFT gives the rows to tied modules only for the input embedding of a model tying its embeddings."""
+    try:
+        embedding = input_embedding_name(model)
+    except ValueError:
+        embedding = ""
+    tied_in_config = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if names[0] != embedding or not tied_in_config or not hasattr(model, "_tied_weights_keys"):
+        raise ValueError(
+            f"{names[1:]} share their weight with {names[0]}, but PEFT's trainable tokens reach tied modules "
+            "only from the input embedding of a transformers model that ties its embeddings "
+            "(tie_word_embeddings); PEFT would leave them unadapted"
+        )
+
+
+@hookimpl
+def peft_export(
+    model: nn.Module, config: TrainableTokensConfig, sites: list[tuple[list[str], dict[str, torch.Tensor]]]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    modules = dict(named_base_modules(model))
+    token_indices: list[int] | None = None
+    targets: list[str] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for names, state in sites:
+        ids = config.indices_for(names[0])
+        if token_indices is not None and ids != token_indices:
+            raise ValueError(
+                f"PEFT's TRAINABLE_TOKENS trains one list of token ids on all its modules, and this adapter "
+                f"trains {token_indices} on {targets[0]} but {ids} on {names[0]}; save one adapter per module"
+            )
+        token_indices = ids
+        _refuse_biased_heads(modules, names)
+        if len(names) > 1:
+            _check_peft_ties(model, names)
+        targets.append(names[0])  # PEFT ties the others itself (naming them too breaks its loading)
+        for name in names:  # and saves the rows again under each of them
+            tensors[f"{name}.{_ROWS_KEY}"] = state["trainable_tokens_rows"].clone()
+    peft_config = {
+        "peft_type": "TRAINABLE_TOKENS",
+        "token_indices": token_indices,
+        "target_modules": targets,
+        "init_weights": True,
+    }
+    return peft_config, tensors
+
+
+def _groups(
+    rows: dict[str, torch.Tensor], ids: dict[str, Any], primaries: list[str], model: nn.Module | None
+) -> list[list[str]]:
+    """The folder's modules grouped by the weight they share, each group's target first.
+
+    With the model, by the weight itself; without it, by equal ids and equal
+    rows (PEFT saves a tied module's rows again, bit for bit).
+    """
+    modules = dict(named_base_modules(model)) if model is not None else {}
+    groups: list[list[str]] = []
+    for name in primaries + [n for n in rows if n not in primaries]:
+        if model is not None and name not in modules:
+            raise ValueError(f"the folder holds token rows for {name}, which this model does not have")
+        for group in groups:
+            first = group[0]
+            if model is not None:
+                same = getattr(modules[name], "weight", None) is getattr(modules[first], "weight", None)
+            else:
+                same = ids[name] == ids[first] and torch.equal(rows[name], rows[first])
+            if same:
+                if ids[name] != ids[first] or not torch.equal(rows[name], rows[first]):
+                    raise ValueError(
+                        f"the folder holds different token rows for {first} and {name}, which share one "
+                        "weight"
+                    )
+                group.append(name)
+                break
+        else:
+            if name not in primaries:
+                raise ValueError(
+                    f"the folder holds token rows for {name}, which its target_modules do not name and "
+                    "which share no weight with a module they name"
+                )
+            groups.append([name])
+    return groups
+
+
+@hookimpl
+def peft_import(
+    peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None
+) -> tuple[TrainableTokensConfig, dict[str, torch.Tensor]] | None:
+    if peft_config.get("peft_type") != "TRAINABLE_TOKENS":
+        return None
+    handled = {"token_indices", "target_modules", "init_weights"}
+    peft_format.check_options(peft_config, handled, "trainable tokens")
+    rows = {}
+    for key, tensor in tensors.items():
+        if not key.endswith("." + _ROWS_KEY):
+            raise ValueError(f"the folder holds {key!r}, which is not trainable-token rows ({_ROWS_KEY})")
+        rows[key[: -len(_ROWS_KEY) - 1]] = tensor
+    if not rows:
+        raise ValueError("the folder holds no trainable-token rows")
+    given = peft_config.get("token_indices")
+    ids: dict[str, Any] = {name: given.get(name) if isinstance(given, dict) else given for name in rows}
+    for name, tensor in rows.items():
+        if not isinstance(ids[name], list) or tensor.dim() != 2 or tensor.shape[0] != len(ids[name]):
+            raise ValueError(
+                f"the folder holds rows of shape {tuple(tensor.shape)} for {name}, but token_indices gives "
+                f"it {ids[name]!r}"
+            )
+    target_modules = peft_config.get("target_modules")
+    primaries = [n for n in rows if target_modules is None or peft_format.matches_targets(target_modules, n)]
+    groups = _groups(rows, ids, primaries, model)
+    if model is not None:
+        modules = dict(named_base_modules(model))
+        try:
+            embedding = input_embedding_name(model)
+        except ValueError:
+            embedding = ""
+        for group in groups:
+            covered = [group[0], *find_tied_modules(model, group[0])]
+            _refuse_biased_heads(modules, covered)
+            # PEFT ties other modules only to rows on the input embedding; tt's rows reach every module
+            # holding the weight.
+            beyond = [name for name in covered if name not in group]
+            if beyond and embedding not in group:
+                raise ValueError(
+                    f"PEFT applies the rows of {group} to those modules only, but {beyond} share their "
+                    "weight and tt-adapters' trainable tokens change every module holding it: the outputs "
+                    "would differ"
+                )
+    firsts = [group[0] for group in groups]
+    token_indices: Any
+    targets: list[str] | None
+    if all(ids[first] == ids[firsts[0]] for first in firsts):
+        token_indices, targets = ids[firsts[0]], [name for group in groups for name in group]
+    else:
+        token_indices, targets = {name: ids[name] for group in groups for name in group}, None
+    config = TrainableTokensConfig(token_indices=token_indices, target_modules=targets)
+    return config, {f"{first}.trainable_tokens_rows": rows[first] for first in firsts}

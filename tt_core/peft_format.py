@@ -1,0 +1,522 @@
+"""Adapters in PEFT's format: folders ``peft.PeftModel.from_pretrained`` loads, and loading PEFT's folders.
+
+This module holds what any method shares (see docs/peft.md):
+
+- the layout PEFT's ``save_pretrained`` writes: the adapter called
+  ``"default"`` in the folder itself, every other one in a subfolder named
+  after it, each as ``adapter_config.json`` (with ``peft_type``) and
+  ``adapter_model.safetensors`` (keys prefixed ``base_model.model.``, adapter
+  names left out);
+- copies of base weights PEFT saves beside an adapter (``*.base_layer.weight``),
+  checked against the model instead of loaded;
+- LoRA's ``trainable_token_indices``, split off as a ``TRAINABLE_TOKENS``
+  adapter of its own (PEFT keeps its rows under ``*.token_adapter.``);
+- whether a whole stack of adapters can be written so that PEFT computes the
+  same outputs.
+
+What one method's adapter becomes in PEFT's terms, and back, is its plugin's
+business: the ``peft_export`` and ``peft_import`` hooks (:mod:`tt_core.hookspecs`).
+A PEFT folder is converted into the files :func:`tt_core.serialization.load_adapter`
+reads, so loading it goes through every check a native load does, all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import secrets
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from tt_core import manifest, serialization, storage
+from tt_core.config import AdapterConfig
+from tt_core.manifest import CONFIG_FILE, WEIGHTS_FILE
+from tt_core.plugins import PluginManager, get_plugin_manager
+from tt_core.targets import named_base_modules
+
+if TYPE_CHECKING:
+    from tt_core.model import AdapterModel
+
+#: PEFT's name for the adapter kept in the folder itself; the others live in subfolders.
+DEFAULT_ADAPTER = "default"
+#: What PEFT puts before every tensor key: ``PeftModel.base_model`` (the tuner), then its ``model``.
+KEY_PREFIX = "base_model.model."
+#: The name of the trainable-tokens half of a LoRA with ``trainable_token_indices``: ``<name>_tokens``.
+TOKENS_SUFFIX = "_tokens"
+#: Options of every PEFT config that say nothing about what the adapter computes.
+GENERIC_CONFIG_KEYS = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+    }
+)
+_LEGACY_WEIGHTS = "adapter_model.bin"
+_BASE_COPY = re.compile(r"(?P<module>.+?)(?:\.token_adapter)?\.base_layer\.weight")
+_TOKEN_ROWS = re.compile(r"(?P<module>.+)\.token_adapter\.trainable_tokens_delta")
+# Trainer's checkpoint folders hold a PEFT adapter too; they are not adapters saved beside the root one.
+_CHECKPOINT_MARKER = "trainer_state.json"
+
+
+# ----------------------------------------------------------------- for plugins
+def matches_targets(target_modules: Any, module_name: str) -> bool:
+    """Whether PEFT's ``target_modules`` selects ``module_name`` (a full module name).
+
+    As PEFT reads it: a string is a regular expression matching the whole
+    name; a list holds names equal to it or ending it after a ``"."``.
+    """
+    if target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_name) is not None
+    return any(module_name == name or module_name.endswith("." + name) for name in target_modules)
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value is False or value == "" or value == [] or value == {}
+
+
+def check_options(
+    peft_config: dict[str, Any], handled: Iterable[str], where: str, reasons: dict[str, str] | None = None
+) -> None:
+    """Refuse every option of ``peft_config`` that is set and that the caller does not handle.
+
+    An option is set unless it is ``None``, ``False`` or empty. ``handled``
+    names the options the caller reads or knows to be harmless; ``reasons``
+    says, per option, why it cannot be applied (for a clearer error).
+    """
+    known = set(handled) | GENERIC_CONFIG_KEYS
+    for key, value in peft_config.items():
+        if key in known or _unset(value):
+            continue
+        reason = (reasons or {}).get(
+            key, "tt-adapters does not know this option, so it cannot tell what it does"
+        )
+        raise ValueError(f"{where}: PEFT option {key}={value!r} cannot be applied: {reason}")
+
+
+# ------------------------------------------------------------------- detection
+def _peft_config_file(folder: Path) -> Path | None:
+    """``folder/adapter_config.json`` if it is PEFT's (it names a ``peft_type``), else None."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return path if isinstance(document, dict) and "peft_type" in document else None
+
+
+def _candidates(root: Path) -> dict[str, Path]:
+    """PEFT adapters in ``root`` by PEFT's name: ``"default"`` for the root itself, else the subfolder's."""
+    found: dict[str, Path] = {}
+    if _peft_config_file(root) is not None:
+        found[DEFAULT_ADAPTER] = root
+    if root.is_dir():
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and not (child / _CHECKPOINT_MARKER).exists() and _peft_config_file(child):
+                if child.name in found:
+                    raise ValueError(
+                        f"{root} holds a PEFT adapter in the folder itself and one in {child}; both would be "
+                        f"called {child.name!r}. Move one of them."
+                    )
+                found[child.name] = child
+    return found
+
+
+def is_peft_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder of PEFT adapters (and not a tt-adapters save).
+
+    True when it has no ``manifest.json`` and it, or a subfolder, holds an
+    ``adapter_config.json`` naming a ``peft_type``.
+    """
+    root = Path(path)
+    if not root.is_dir() or manifest.exists(root):
+        return False
+    try:
+        return bool(_candidates(root))
+    except ValueError:
+        return True  # ambiguous, but PEFT's: reading it reports why
+
+
+# ------------------------------------------------------------------------ save
+def _owner_hook(manager: PluginManager, config: AdapterConfig, hook_name: str) -> Any:
+    """A hook caller asking only the plugin that registered ``config``'s method (as ``hooks_for`` does)."""
+    owner = manager.get_plugin(manager.method_for(config).plugin)
+    return manager.subset_hook_caller(hook_name, [p for p in manager.get_plugins() if p is not owner])
+
+
+def _export(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    record = adapter_model._records[name]
+    manager = get_plugin_manager()
+    method = manager.method_for(record.config)
+    sites = [
+        (list(site.modules), {key: value.detach() for key, value in site.state.state_dict().items()})
+        for site in record.sites
+    ]
+    try:
+        result = _owner_hook(manager, record.config, "peft_export")(
+            model=adapter_model.model, config=copy.deepcopy(record.config), sites=sites
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"adapter {name!r} cannot be saved in PEFT's format: {error}. Nothing was written."
+        ) from None
+    if result is None:
+        raise ValueError(
+            f"adapter {name!r} uses method {method.name!r}, whose plugin {method.plugin!r} has no PEFT "
+            "form for it (no peft_export hook); save it with format='tt'. Nothing was written."
+        )
+    peft_config, tensors = result
+    if not isinstance(peft_config, dict) or not isinstance(peft_config.get("peft_type"), str):
+        raise TypeError(f"the peft_export hook of {method.plugin!r} returned a config without a peft_type")
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise TypeError(f"the peft_export hook of {method.plugin!r} must return tensors by key")
+    base_name = getattr(adapter_model.model, "name_or_path", None) or None
+    config = {
+        "task_type": None,
+        "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
+        "revision": None,
+        "inference_mode": True,
+        **peft_config,
+    }
+    return config, tensors
+
+
+def _check_stack(adapter_model: AdapterModel, names: list[str], configs: dict[str, dict[str, Any]]) -> None:
+    """Refuse an active stack that PEFT cannot apply as tt-adapters does."""
+    stack = [name for name in adapter_model.active_adapters if name in names]
+    if len(stack) < 2:
+        return
+    kinds = {name: configs[name]["peft_type"] for name in stack}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            f"the active stack {stack} mixes PEFT adapter types {kinds}; a PEFT model holds adapters of one "
+            "type only, so PEFT cannot apply this stack. Activate adapters of one type (set_adapter), or "
+            "save each in its own call with selected_adapters=[...]. Nothing was written."
+        )
+    records, model = adapter_model._records, adapter_model.model
+    for i, first in enumerate(stack):
+        for second in stack[i + 1 :]:
+            for site_a in records[first].sites:
+                for site_b in records[second].sites:
+                    if site_a.weight(model) is site_b.weight(model) and not site_a.state.commutes_with(
+                        site_b.state
+                    ):
+                        raise ValueError(_ORDER_MATTERS.format(stack, first, second, site_a.modules[0]))
+
+
+_ORDER_MATTERS = (
+    "the active stack {} applies {!r} then {!r} to the same rows of {}.weight, so their order decides the "
+    "outputs; PEFT applies its active adapters as a set (its trainable tokens refuse overlapping rows), so "
+    "it cannot express this stack. Save with format='tt', or activate one of them. Nothing was written."
+)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        storage.write_file(temporary, data)
+        os.replace(temporary, path)
+    finally:
+        storage.remove(temporary)
+
+
+def save(adapter_model: AdapterModel, directory: str | os.PathLike[str], names: list[str]) -> None:
+    """Write ``names`` in PEFT's layout under ``directory``; check everything before writing anything.
+
+    The adapter called ``"default"`` goes into ``directory`` itself, every
+    other one into ``directory/<name>``, as PEFT's ``save_pretrained`` does;
+    other files there are kept, these two are replaced.
+    """
+    root = Path(directory)
+    if manifest.exists(root):
+        raise ValueError(
+            f"{root} holds a tt-adapters save (manifest.json); a PEFT save beside it would make the folder "
+            "ambiguous. Save in PEFT's format into another folder. Nothing was written."
+        )
+    exported = {name: _export(adapter_model, name) for name in names}
+    _check_stack(adapter_model, names, {name: config for name, (config, _) in exported.items()})
+    files: dict[Path, tuple[bytes, bytes]] = {}
+    for name, (config, tensors) in exported.items():
+        folder = root if name == DEFAULT_ADAPTER else root / name
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} exists and is not a folder; move it away. Nothing was written.")
+        weights = {
+            KEY_PREFIX + key: tensor.detach().to("cpu").clone().contiguous()
+            for key, tensor in tensors.items()
+        }
+        files[folder] = (
+            (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+            safetensors.torch.save(weights, metadata={"format": "pt"}),
+        )
+    for folder, (config_bytes, weight_bytes) in files.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(folder / WEIGHTS_FILE, weight_bytes)
+        _write_atomically(folder / CONFIG_FILE, config_bytes)
+
+
+# ------------------------------------------------------------------------ read
+def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One PEFT adapter's config and tensors, keys without PEFT's prefix."""
+    config_path = folder / CONFIG_FILE
+    config = manifest.load_json_object(config_path, config_path.read_bytes())
+    if not isinstance(config.get("peft_type"), str):
+        raise ValueError(
+            f"{config_path}: key 'peft_type' is {config.get('peft_type')!r}; it must name a PEFT type"
+        )
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        if (folder / _LEGACY_WEIGHTS).is_file():
+            raise ValueError(
+                f"{folder} holds {_LEGACY_WEIGHTS}, a pickle, which tt-adapters never loads (it can run "
+                "code); save the adapter again with PEFT's save_pretrained(safe_serialization=True)"
+            )
+        raise ValueError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}; save the PEFT adapter again")
+    try:
+        raw = safetensors.torch.load(weights_path.read_bytes())
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{weights_path} is not a valid safetensors file ({error})") from None
+    tensors = {}
+    for key, tensor in raw.items():
+        if not key.startswith(KEY_PREFIX):
+            raise ValueError(
+                f"{weights_path} holds {key!r}, which does not start with {KEY_PREFIX!r}: it is not an "
+                "adapter PEFT saved for a model's modules (prompt-learning methods cannot be applied here)"
+            )
+        tensors[key[len(KEY_PREFIX) :]] = tensor
+    return config, tensors
+
+
+def _split_tokens(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """Split ``trainable_token_indices`` off a PEFT config as a ``TRAINABLE_TOKENS`` config of its own."""
+    indices = config.get("trainable_token_indices")
+    if _unset(indices):
+        return config, tensors, None, {}
+    rest = {key: value for key, value in tensors.items() if not _TOKEN_ROWS.fullmatch(key)}
+    rows = {}
+    for key, tensor in tensors.items():
+        match = _TOKEN_ROWS.fullmatch(key)
+        if match:
+            rows[f"{match['module']}.trainable_tokens_delta"] = tensor
+    modules = [key.rsplit(".", 1)[0] for key in rows]
+    if not modules:
+        raise ValueError(
+            f"{where}: trainable_token_indices is {indices!r}, but the folder holds no token rows"
+        )
+    token_indices: Any
+    if isinstance(indices, dict):
+        token_indices = {}
+        for module in modules:
+            given = [ids for name, ids in indices.items() if module == name or module.endswith("." + name)]
+            if len(given) != 1:
+                raise ValueError(
+                    f"{where}: the folder holds token rows for {module}, which trainable_token_indices "
+                    f"({sorted(indices)}) names {len(given)} times; it must name it once"
+                )
+            token_indices[module] = given[0]
+    else:
+        token_indices = indices
+    tokens_config = {
+        "peft_type": "TRAINABLE_TOKENS",
+        "token_indices": token_indices,
+        "target_modules": modules,
+    }
+    return {**config, "trainable_token_indices": None}, rest, tokens_config, rows
+
+
+def _check_base_copies(copies: dict[str, torch.Tensor], model: nn.Module, where: str, strict: bool) -> None:
+    """A PEFT folder may hold copies of base weights; they must be this model's (PEFT would load them)."""
+    modules = dict(named_base_modules(model))
+    for name, saved in copies.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"{where} holds a copy of {name}.weight, but this model has no module {name!r}")
+        if tuple(weight.shape) != tuple(saved.shape):
+            raise ValueError(
+                f"{where} was saved for {name}.weight of shape {tuple(saved.shape)}, but this model's is "
+                f"{tuple(weight.shape)}. Load it onto the base model it was trained with "
+                "(resize_token_embeddings to its tokenizer first)."
+            )
+        if not torch.equal(saved.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+            problem = (
+                f"{where} holds a copy of {name}.weight (PEFT saves the embedding beside a LoRA on it) that "
+                "differs from this model's, and PEFT would load that copy into the model"
+            )
+            if strict:
+                raise ValueError(
+                    f"{problem}; tt-adapters never changes base weights. Load it onto that base model "
+                    "(unmerged), or pass strict=False to load the adapter anyway."
+                )
+            warnings.warn(f"{problem} (loaded anyway, strict=False)", stacklevel=4)
+
+
+def _native(
+    config: AdapterConfig,
+    tensors: dict[str, torch.Tensor],
+    folder: Path,
+    base: dict[str, torch.Tensor],
+) -> storage.SavedAdapter:
+    """The files a native save of this adapter would hold, in memory, as :func:`storage.read` returns them."""
+    method = get_plugin_manager().method_for(config)
+    weights = {key: tensor.detach().to("cpu").clone().contiguous() for key, tensor in tensors.items()}
+    metadata = None
+    if base:  # converted without a model: the base is checked at loading, as for a native save
+        shapes = {name: list(tensor.shape) for name, tensor in base.items()}
+        metadata = {serialization.SHAPES_KEY: json.dumps(shapes)}
+    files = {
+        CONFIG_FILE: (json.dumps(config.to_dict(), indent=2) + "\n").encode(),
+        WEIGHTS_FILE: safetensors.torch.save(weights, metadata=metadata),
+    }
+    entry: dict[str, Any] = {"method": method.name, "plugin": method.plugin}
+    if method.distribution:
+        entry.update(distribution=method.distribution, distribution_version=method.version)
+    entry["files"] = {filename: manifest.sha256(data) for filename, data in files.items()}
+    if base:
+        entry["base"] = {
+            "weights": {name: serialization.weight_fingerprint(tensor, None) for name, tensor in base.items()}
+        }
+    return storage.SavedAdapter(folder, entry, files, folder / CONFIG_FILE)
+
+
+def _convert(
+    folder: Path, name: str, model: nn.Module | None, strict: bool
+) -> dict[str, storage.SavedAdapter]:
+    """One PEFT adapter as the native adapters it becomes: ``name``, and ``name_tokens`` for token rows."""
+    where = str(folder / CONFIG_FILE)
+    config, tensors = _read_peft(folder)
+    modules_to_save = config.get("modules_to_save")
+    if not _unset(modules_to_save) or any(".modules_to_save." in key for key in tensors):
+        raise ValueError(
+            f"{where}: modules_to_save={modules_to_save!r} trains whole copies of modules, which tt-adapters "
+            "cannot apply (it adapts token embeddings only). Nothing was loaded."
+        )
+    base = {}
+    for key in list(tensors):
+        match = _BASE_COPY.fullmatch(key)
+        if match:
+            base[match["module"]] = tensors.pop(key)
+    config, tensors, tokens_config, token_rows = _split_tokens(config, tensors, where)
+    parts = [(name, config, tensors)]
+    if tokens_config is not None:
+        parts.append((name + TOKENS_SUFFIX, tokens_config, token_rows))
+    if model is not None and base:
+        _check_base_copies(base, model, where, strict)
+    manager = get_plugin_manager()
+    converted = {}
+    for part_name, part_config, part_tensors in parts:
+        try:
+            result = manager.hook.peft_import(
+                peft_config=dict(part_config), tensors=dict(part_tensors), model=model
+            )
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}. Nothing was loaded.") from None
+        if result is None:
+            raise ValueError(
+                f"{where}: no installed tt plugin reads PEFT adapters of type {part_config['peft_type']!r} "
+                f"(installed methods: {sorted(manager.methods)}). Nothing was loaded."
+            )
+        adapter_config, native_tensors = result
+        if not isinstance(adapter_config, AdapterConfig) or not isinstance(native_tensors, dict):
+            raise TypeError(
+                f"the peft_import hook answering for {part_config['peft_type']!r} must return "
+                "(config, tensors)"
+            )
+        converted[part_name] = _native(adapter_config, native_tensors, folder, base if model is None else {})
+    return converted
+
+
+def read(
+    path: str | os.PathLike[str],
+    adapter_name: str | None = None,
+    model: nn.Module | None = None,
+    strict: bool = True,
+) -> tuple[dict[str, storage.SavedAdapter], list[str]]:
+    """Convert the PEFT adapters of the folder ``path``; return them by name and the names to activate.
+
+    With ``adapter_name=None``: every adapter, under PEFT's names
+    (``"default"`` for the one in the folder itself), activating the
+    default one (else all). Otherwise the adapter called ``adapter_name``,
+    or the folder's only one, as ``adapter_name``. A LoRA with
+    ``trainable_token_indices`` becomes two adapters, ``<name>`` and
+    ``<name>_tokens``. ``model`` (the model to load onto) lets the plugins
+    check more and pick the closest equivalent; without it, base-weight
+    copies are recorded as the adapter's base, checked at loading.
+    """
+    root = Path(path)
+    found = _candidates(root)
+    if not found:
+        raise ValueError(f"{root} holds no PEFT adapter ({CONFIG_FILE} with a 'peft_type')")
+    converted: dict[str, storage.SavedAdapter] = {}
+    if adapter_name is None:
+        for name, folder in found.items():
+            converted.update(_convert(folder, name, model, strict))
+        chosen = [DEFAULT_ADAPTER] if DEFAULT_ADAPTER in found else list(found)
+        active = [name for name in converted if any(name in (c, c + TOKENS_SUFFIX) for c in chosen)]
+        return converted, active
+    if adapter_name in found:
+        folder = found[adapter_name]
+    elif len(found) == 1:
+        folder = next(iter(found.values()))
+    else:
+        raise ValueError(
+            f"{root} holds PEFT adapters {sorted(found)}, not {adapter_name!r}; pass one of those names"
+        )
+    converted = _convert(folder, adapter_name, model, strict)
+    return converted, list(converted)
+
+
+def load(
+    adapter_model: AdapterModel,
+    path: str | os.PathLike[str],
+    adapter_name: str | None,
+    is_trainable: bool = False,
+    strict: bool = True,
+) -> list[str]:
+    """Add the PEFT adapters of ``path`` (see :func:`read`), all or none; return the names to activate."""
+    converted, active = read(path, adapter_name, model=adapter_model.model, strict=strict)
+    added: list[str] = []
+    try:
+        for name, saved in converted.items():
+            serialization.load_adapter(adapter_model, saved, name, is_trainable=is_trainable, strict=strict)
+            added.append(name)
+    except BaseException:
+        for name in reversed(added):
+            adapter_model.delete_adapter(name)
+        raise
+    return active
+
+
+def read_one(path: str | os.PathLike[str], adapter_name: str | None = None) -> storage.SavedAdapter:
+    """One PEFT adapter of ``path`` (``adapter_name``, or the only one) as native files, without a model.
+
+    For publishing to a registry: the base-weight copies PEFT saved become the
+    adapter's recorded base, checked when it is loaded.
+    """
+    root = Path(path)
+    found = _candidates(root)
+    if adapter_name is None and len(found) > 1:
+        raise ValueError(f"{root} holds PEFT adapters {sorted(found)}; say which with adapter=...")
+    converted, _ = read(root, adapter_name or next(iter(found), DEFAULT_ADAPTER))
+    if len(converted) != 1:
+        raise ValueError(
+            f"the PEFT adapter in {root} is a LoRA with trainable_token_indices, which tt-adapters holds as "
+            f"two adapters {sorted(converted)}; load it (AdapterModel.from_pretrained) and publish each "
+            "with Registry.publish(adapter_model, name, adapter=...)"
+        )
+    return next(iter(converted.values()))

@@ -1,0 +1,314 @@
+"""What ``transformers.Trainer``, DDP and FSDP2 call on an :class:`~tt_core.AdapterModel`, answered.
+
+``Trainer`` treats a model that is neither a ``PreTrainedModel`` nor a
+``PeftModel`` as a plain ``nn.Module``: a checkpoint (and ``save_model()``) is
+``model.safetensors`` holding ``model.state_dict()``, and resuming or
+``load_best_model_at_end`` calls ``model.load_state_dict(state, False)``. So
+``AdapterModel.state_dict()`` holds the adapters only: each adapter state's
+tensors once (a tied head shares the embedding's rows), under their module
+paths, plus one ``_extra_state`` tensor, the JSON bytes of :func:`describe`
+(configs, base fingerprints, the active stack). A checkpoint is then the size
+of the rows, resuming copies them back in place (the optimizer keeps its
+parameters), and a folder ``save_model()`` wrote describes itself:
+:func:`read_trainer_folder` turns it into the adapters
+``AdapterModel.from_pretrained`` loads. See docs/distributed.md.
+
+Under DDP, the adapters' non-persistent buffers (token ids and the id-to-row
+table, rebuilt by every rank from the config) are named in
+:func:`ddp_ignored_names`, so DDP does not broadcast a vocabulary-sized table
+every step. Under FSDP2, :func:`whole_adapter_tensors` gathers sharded adapter
+tensors so rank 0 can save whole rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from tt_core import manifest, storage
+from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
+from tt_core.plugins import get_plugin_manager
+from tt_core.serialization import SHAPES_KEY
+
+if TYPE_CHECKING:
+    from tt_core.model import AdapterModel
+
+STATE_FORMAT = "tt-adapters.state"
+STATE_VERSION = 1
+#: The file ``Trainer`` writes ``state_dict()`` into (transformers' SAFE_WEIGHTS_NAME).
+TRAINER_WEIGHTS = "model.safetensors"
+#: nn.Module's key for ``get_extra_state()`` (at the root: no prefix).
+EXTRA_STATE_KEY = "_extra_state"
+
+
+def module_key(adapter_name: str, target: str, key: str) -> str:
+    """The ``state_dict`` key of an adapter state's tensor ``key`` on module ``target``."""
+    return f"model.{target}.adapters.{adapter_name}.{key}"
+
+
+# ---------------------------------------------------------------- the extra state
+def describe(adapter_model: AdapterModel) -> dict[str, Any]:
+    """What the rows alone do not say: each adapter's config, base and targets, and the active stack."""
+    adapters: dict[str, Any] = {}
+    for name, record in adapter_model._records.items():
+        method = get_plugin_manager().method_for(record.config)
+        entry: dict[str, Any] = {"method": method.name, "plugin": method.plugin}
+        if method.distribution:
+            entry.update(distribution=method.distribution, distribution_version=method.version)
+        entry["base"] = record.fingerprint
+        adapters[name] = {
+            "config": _plain(record.config.to_dict()),
+            "entry": entry,
+            "trainable": record.trainable,
+            "targets": {
+                site.modules[0]: [int(n) for n in site.weight(adapter_model.model).shape]
+                for site in record.sites
+            },
+        }
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "active": adapter_model.active_adapters,
+        "adapters": adapters,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists), so saved and live configs compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def encode(document: dict[str, Any]) -> torch.Tensor:
+    """JSON bytes as a uint8 tensor: safetensors (so ``Trainer``) stores tensors only."""
+    data = bytearray(json.dumps(document, sort_keys=True).encode())
+    return torch.frombuffer(data, dtype=torch.uint8).clone()
+
+
+def decode(value: Any, where: str) -> dict[str, Any]:
+    """The document :func:`encode` made, checked; a ValueError naming ``where`` if it is not one."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise ValueError(
+            f"{where}: {EXTRA_STATE_KEY!r} is not the uint8 tensor AdapterModel.state_dict() writes"
+        )
+    try:
+        document = json.loads(bytes(value.cpu().numpy().tobytes()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{where}: {EXTRA_STATE_KEY!r} is not valid JSON ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+        raise ValueError(f"{where}: {EXTRA_STATE_KEY!r} was not written by tt-adapters")
+    version = document.get("version")
+    if not isinstance(version, int) or version > STATE_VERSION:
+        raise ValueError(
+            f"{where}: the adapter state has version {version!r}; this tt-adapters reads up to "
+            f"{STATE_VERSION}. Upgrade tt-adapters."
+        )
+    adapters, active = document.get("adapters"), document.get("active")
+    if not isinstance(adapters, dict) or not isinstance(active, list):
+        raise ValueError(f"{where}: the adapter state has no 'adapters' object or 'active' list")
+    for name, adapter in adapters.items():
+        keys = ("config", "entry", "targets")
+        if not isinstance(adapter, dict) or not all(isinstance(adapter.get(key), dict) for key in keys):
+            raise ValueError(f"{where}: adapter {name!r} of the adapter state is malformed")
+    return document
+
+
+def check_matches(adapter_model: AdapterModel, document: dict[str, Any], where: str) -> None:
+    """Refuse a state whose adapters this model lacks, or has with another config or base shape.
+
+    Loading rows trained for other token ids (or another vocabulary) would
+    silently put them on the wrong tokens.
+    """
+    live = describe(adapter_model)["adapters"]
+    for name, saved in document["adapters"].items():
+        if name not in live:
+            raise ValueError(
+                f"{where} holds adapter {name!r}, which this model does not have (it has "
+                f"{adapter_model.adapters}). Add it with the same config first, or load the folder with "
+                "AdapterModel.from_pretrained(base_model, folder)."
+            )
+        for key in ("config", "targets"):
+            if saved[key] != live[name][key]:
+                raise ValueError(
+                    f"{where}: adapter {name!r} was saved with {key} {saved[key]} but this model's is "
+                    f"{live[name][key]}; its rows belong to other tokens or another vocabulary"
+                )
+
+
+# ------------------------------------------------------------ Trainer's folders
+def _header(path: Path) -> dict[str, Any]:
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        return {key: None for key in handle.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+
+
+def is_trainer_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds the ``model.safetensors`` that ``Trainer`` wrote from an AdapterModel."""
+    weights = Path(path) / TRAINER_WEIGHTS
+    if manifest.exists(Path(path)) or not weights.is_file():
+        return False
+    try:
+        return EXTRA_STATE_KEY in _header(weights)
+    except Exception:  # not safetensors at all: not ours either
+        return False
+
+
+def read_trainer_folder(
+    path: str | os.PathLike[str], adapter_name: str | None = None
+) -> tuple[list[str], dict[str, storage.SavedAdapter]]:
+    """The adapters in a ``Trainer`` folder, as ``save_pretrained`` would have written them.
+
+    All of them, or ``adapter_name`` (or the only one). Returns the saved
+    active stack (of those read) and each adapter's files, ready for
+    ``serialization.load_adapter``, which checks them like any saved adapter.
+    """
+    root = Path(path)
+    weights = root / TRAINER_WEIGHTS
+    try:
+        tensors = safetensors.torch.load_file(str(weights))
+    except Exception as error:
+        raise ValueError(f"{weights} is not a valid safetensors file ({error})") from None
+    if EXTRA_STATE_KEY not in tensors:
+        raise ValueError(
+            f"{weights} was not written from an AdapterModel (it has no {EXTRA_STATE_KEY!r}); "
+            "pass a folder that Trainer or save_pretrained() wrote from one"
+        )
+    document = decode(tensors[EXTRA_STATE_KEY], str(weights))
+    adapters: dict[str, Any] = document["adapters"]
+    if adapter_name is None:
+        names = list(adapters)
+    elif adapter_name in adapters:
+        names = [adapter_name]
+    elif len(adapters) == 1:
+        names = list(adapters)
+    else:
+        raise ValueError(
+            f"{weights} holds adapters {sorted(adapters)}, not {adapter_name!r}; pass one of those names"
+        )
+    saved: dict[str, storage.SavedAdapter] = {}
+    for name in names:
+        adapter = adapters[name]
+        own: dict[str, torch.Tensor] = {}
+        for target in adapter["targets"]:
+            prefix = module_key(name, target, "")
+            for key, tensor in tensors.items():
+                if key.startswith(prefix):
+                    own[f"{target}.{key[len(prefix) :]}"] = tensor
+        files = {
+            CONFIG_FILE: (json.dumps(adapter["config"], indent=2) + "\n").encode(),
+            WEIGHTS_FILE: safetensors.torch.save(own, metadata={SHAPES_KEY: json.dumps(adapter["targets"])}),
+        }
+        entry = dict(adapter["entry"])
+        entry["files"] = {filename: manifest.sha256(data) for filename, data in files.items()}
+        files[ADAPTER_MANIFEST] = (json.dumps(entry, indent=2) + "\n").encode()
+        saved[name] = storage.SavedAdapter(root, entry, files, weights)
+    active = [name for name in document["active"] if name in saved]
+    return active, saved
+
+
+# ------------------------------------------------------------------- distributed
+def ddp_ignored_names(adapter_model: AdapterModel) -> list[str]:
+    """The adapters' non-persistent buffers, under every module path that reaches them.
+
+    They are built from the config on every rank (token ids, the id-to-row
+    table) and never change while training, so DDP need not broadcast them
+    each step; it reads this list as ``_ddp_params_and_buffers_to_ignore``.
+    """
+    names: list[str] = []
+    for adapter_name, record in adapter_model._records.items():
+        for site in record.sites:
+            persistent = set(site.state.state_dict(keep_vars=True))
+            for buffer_name, _ in site.state.named_buffers():
+                if buffer_name in persistent:
+                    continue
+                names.extend(module_key(adapter_name, module, buffer_name) for module in site.modules)
+    return names
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter FSDP2 sharded, say)."""
+    # No DTensor exists before its module is imported; importing it here would cost seconds.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def held_rows(weight: torch.Tensor, token_indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This rank's part of the DTensor ``weight``, the positions in it of the ids it holds, and which.
+
+    For merging into a sharded weight in place. FSDP2 shards dim 0 on a 1-D
+    mesh as ``torch.chunk`` does: rank r holds rows ``[r * c, (r + 1) * c)``
+    with ``c = ceil(vocabulary / ranks)``.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    local: torch.Tensor = weight.to_local()  # type: ignore[attr-defined]
+    placements = weight.placements  # type: ignore[attr-defined]
+    if all(isinstance(placement, Replicate) for placement in placements):
+        start = 0
+    elif len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
+        mesh = weight.device_mesh  # type: ignore[attr-defined]
+        chunk = -(-weight.shape[0] // mesh.size())
+        start = min(mesh.get_local_rank() * chunk, weight.shape[0])
+    else:
+        raise NotImplementedError(
+            f"adapters merge into a weight sharded by rows on one mesh dimension (FSDP2's Shard(0)) "
+            f"or replicated; this one is placed as {placements}"
+        )
+    held = (token_indices >= start) & (token_indices < start + local.shape[0])
+    return local, token_indices[held] - start, held
+
+
+def reshard_fsdp(adapter_model: AdapterModel) -> None:
+    """Register FSDP2's sharded parameters again wherever it left gathered ones.
+
+    After a forward without backward, FSDP2 keeps the root's parameters
+    gathered (reshard_after_forward does not apply to the root). A merge
+    written into that gathered copy would be lost at the next reshard, and the
+    copy is no place to save from: merges and saves reshard first (no
+    communication: the shards are still there). Without FSDP2 this does nothing.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return
+    for module in adapter_model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def whole_adapter_tensors(adapter_model: AdapterModel) -> Iterator[None]:
+    """Inside the block, the adapters' sharded parameters (FSDP2's DTensors) are whole tensors.
+
+    Gathering them is a collective: every rank must enter the block, in the
+    same order. Without sharded parameters this does nothing. The sharded
+    parameters are put back when the block ends.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    seen: set[int] = set()
+    reshard_fsdp(adapter_model)
+    try:
+        for record in adapter_model._records.values():
+            for site in record.sites:
+                if id(site.state) in seen:
+                    continue
+                seen.add(id(site.state))
+                for module in site.state.modules():
+                    for name, parameter in list(module.named_parameters(recurse=False)):
+                        if is_dtensor(parameter):
+                            with torch.no_grad():
+                                whole = parameter.detach().full_tensor()  # type: ignore[attr-defined]
+                            swapped.append((module, name, parameter))
+                            setattr(module, name, nn.Parameter(whole, requires_grad=parameter.requires_grad))
+        yield
+    finally:
+        for module, name, parameter in reversed(swapped):
+            setattr(module, name, parameter)
