@@ -1,0 +1,212 @@
+"""A long-lived worker process for the crash and race tests, driven by JSON lines.
+
+Run as ``python worker.py``. It imports torch and tt_core once, prints
+``{"kind": "ready"}``, then reads one JSON command per line on stdin and
+answers each with one JSON line on stdout (``{"kind": "reply", ...}``).
+Unexpected exceptions are answered as ``{"kind": "reply", "error": traceback}``
+so the test can show them; the worker keeps running.
+
+Commands (``op``):
+
+- ``save``: once every file of ``after`` exists, fill the small adapter
+  ``name`` with each of ``values`` in turn and ``save_pretrained`` it into
+  ``root`` after each fill.
+- ``read``: load ``root`` with ``AdapterModel.from_pretrained`` in a loop until
+  the file ``stop`` exists; every adapter must hold one of ``allowed[name]``.
+  Creates the file ``started`` after its first good read; answers how many
+  reads and how many distinct states (adapter -> value) it saw.
+- ``publish``: publish the small adapter filled with each of ``values`` as a new
+  version of ``name`` in the registry at ``root``; answers the versions.
+- ``registry_load``: load random versions of ``name`` from the registry until
+  ``stop`` exists; each must hold ``expected[version]`` or fail with "was removed".
+  Creates the file ``started`` after its first good load; answers how many
+  loads succeeded, failed with "was removed", and of those, how many raced
+  (the version went away between two steps of one load).
+- ``remove``: once every file of ``after`` exists, remove each of ``specs``
+  from the registry, a few milliseconds apart.
+- ``fork_saves``: fork a child that saves the big adapter into ``root`` over and
+  over, alternating ``first`` and ``other`` (``count`` saves, 0 = until killed).
+  The child prints ``{"kind": "begin", "value": v}`` before each save and
+  ``{"kind": "end", "value": v, "seconds": s}`` after it. Answers the child's pid.
+- ``reap``: wait for child ``pid``; answers its exit code or signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+torch.set_num_threads(1)
+
+import common  # noqa: E402  (this script's folder is on sys.path)
+
+from tt_core import AdapterModel  # noqa: E402
+from tt_core.registry import Registry  # noqa: E402
+
+
+def emit(message: dict[str, Any]) -> None:
+    # One write per line, unbuffered: a forked child writes to the same pipe, and dies by SIGKILL.
+    os.write(1, (json.dumps(message) + "\n").encode())
+
+
+def wait_for(paths: list[str]) -> None:
+    """Wait (a minute at most) until every file of ``paths`` exists: the other side has started."""
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(path) for path in paths) and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def save(root: str, name: str, values: list[float], after: list[str] = ()) -> dict[str, Any]:
+    adapter_model = common.adapted(common.small_base(), name)
+    wait_for(list(after))
+    for value in values:
+        common.fill(adapter_model, name, value)
+        adapter_model.save_pretrained(root)
+    return {"saved": len(values)}
+
+
+def read(root: str, allowed: dict[str, list[float]], stop: str, started: str) -> dict[str, Any]:
+    reads, states, errors = 0, set(), []
+    while True:
+        finished = os.path.exists(stop)  # checked before the read, so one read follows the last write
+        try:
+            adapter_model = AdapterModel.from_pretrained(common.small_base(), root)
+            state = []
+            for name in adapter_model.adapters:
+                value = common.value_of(adapter_model, name)
+                if value not in allowed.get(name, ()):
+                    raise AssertionError(f"{name!r} holds {value}, which no writer saved")
+                state.append((name, value))
+            states.add(tuple(sorted(state)))
+            reads += 1
+            if reads == 1:
+                Path(started).touch()  # the writers wait for this first read
+        except Exception:
+            errors.append(traceback.format_exc())
+        if finished or len(errors) > 5:
+            return {"reads": reads, "states": len(states), "errors": errors}
+
+
+def publish(root: str, name: str, values: list[float]) -> dict[str, Any]:
+    adapter_model = common.adapted(common.small_base(), "default")
+    registry = Registry(root)
+    published = []
+    for value in values:
+        common.fill(adapter_model, "default", value)
+        published.append([registry.publish(adapter_model, name), value])
+    return {"published": published}
+
+
+def registry_load(
+    root: str, name: str, expected: dict[str, float], stop: str, seed: int, started: str
+) -> dict[str, Any]:
+    registry, rng = Registry(root), random.Random(seed)
+    loaded, removed, raced, errors = 0, 0, 0, []
+    versions = sorted(expected, key=int)
+    while not os.path.exists(stop) and len(errors) < 5:
+        if loaded and not os.path.exists(started):
+            Path(started).touch()  # the remover waits for one good load of each loader
+        # A version that exists now: the remover may take it away in the middle of this load.
+        version = str(rng.choice(registry.versions(name) or [int(v) for v in versions]))
+        try:
+            adapter_model = registry.load(common.small_base(), f"{name}@{version}")
+        except ValueError as error:
+            if "was removed" in str(error):
+                removed += 1
+                raced += "while it was being" in str(error)  # removed between two steps of this load
+                continue
+            errors.append(traceback.format_exc())
+            continue
+        except Exception:
+            errors.append(traceback.format_exc())
+            continue
+        try:
+            value = common.value_of(adapter_model, name)
+            if value != expected[version]:
+                raise AssertionError(f"{name}@{version} holds {value}, but {expected[version]} was published")
+            loaded += 1
+        except AssertionError:
+            errors.append(traceback.format_exc())
+    return {"loaded": loaded, "removed": removed, "raced": raced, "errors": errors}
+
+
+def remove(root: str, specs: list[str], after: list[str]) -> dict[str, Any]:
+    registry = Registry(root)
+    wait_for(after)
+    for spec in specs:
+        registry.remove(spec)
+        time.sleep(0.005)  # spread the removals over the loaders' loads
+    return {"removed": len(specs)}
+
+
+_big: AdapterModel | None = None
+
+
+def fork_saves(root: str, first: float, other: float, count: int) -> dict[str, Any]:
+    global _big
+    if _big is None:
+        _big = common.adapted(
+            common.big_base(), "big"
+        )  # built once, before forking, so a child starts at once
+    pid = os.fork()
+    if pid:
+        return {"child": pid}
+    try:  # the child: never returns into the command loop
+        value, done = first, 0
+        while count == 0 or done < count:
+            common.fill(_big, "big", value)
+            emit({"kind": "begin", "value": value})
+            started = time.perf_counter()
+            _big.save_pretrained(root)
+            emit({"kind": "end", "value": value, "seconds": time.perf_counter() - started})
+            value = other if value == first else first
+            done += 1
+    except BaseException:
+        emit({"kind": "child_error", "error": traceback.format_exc()})
+        os._exit(1)
+    os._exit(0)
+
+
+def reap(pid: int) -> dict[str, Any]:
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return {"signal": signal.Signals(os.WTERMSIG(status)).name}
+    return {"code": os.WEXITSTATUS(status)}
+
+
+COMMANDS = {
+    "save": save,
+    "read": read,
+    "publish": publish,
+    "registry_load": registry_load,
+    "remove": remove,
+    "fork_saves": fork_saves,
+    "reap": reap,
+}
+
+
+def main() -> None:
+    emit({"kind": "ready", "pid": os.getpid()})
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command.pop("op")
+        if op == "quit":
+            os._exit(0)  # nothing to flush (every line went out with os.write), no slow interpreter teardown
+        try:
+            answer = COMMANDS[op](**command)
+        except Exception:
+            answer = {"error": traceback.format_exc()}
+        emit({"kind": "reply", "op": op, **answer})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,490 @@
+"""Saves and the registry against real processes: killed by SIGKILL, racing each other, read meanwhile.
+
+Three worker processes (tests/support/workers/worker.py) are started once for
+the module; each imports torch and tt_core once, then runs many rounds per
+command. The kill test forks its saving child from one of them, so every kill
+lands on a process that was already saving, and a new one starts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from workers import common
+
+from tt_core import AdapterModel, manifest, storage
+from tt_core.registry import Registry
+
+WORKER = Path(__file__).resolve().parents[1] / "support" / "workers" / "worker.py"
+TIMEOUT = 120.0  # seconds for any one answer; a hang fails the test instead of blocking the run
+
+
+class Worker:
+    """One worker process; its stdout is read by a thread into a queue of JSON messages."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TT_STRICT_PLUGINS": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.messages: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.text: list[str] = []  # anything printed that is not a message (warnings, tracebacks)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                message = None
+            if isinstance(message, dict) and "kind" in message:
+                self.messages.put(message)
+            else:
+                self.text.append(line)
+        self.messages.put({"kind": "exit"})
+
+    def collect(self, kind: str) -> list[dict[str, Any]]:
+        """Every message up to and including the next one of ``kind``."""
+        found = []
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                message = self.messages.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no {kind!r} from the worker in {TIMEOUT}s; it printed {self.text}"
+                ) from None
+            found.append(message)
+            if message["kind"] == "child_error":
+                raise AssertionError(f"the saving child failed:\n{message['error']}")
+            if message["kind"] == "exit":
+                raise AssertionError(f"the worker exited; it printed:\n{''.join(self.text)}")
+            if message["kind"] == kind:
+                return found
+
+    def send(self, op: str, **arguments: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
+        self.process.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        answer = self.collect("reply")[-1]
+        assert "error" not in answer, f"the worker failed:\n{answer['error']}"
+        return answer
+
+    def call(self, op: str, **arguments: Any) -> dict[str, Any]:
+        self.send(op, **arguments)
+        return self.reply()
+
+    def quit(self) -> None:
+        if self.process.poll() is None:
+            self.send("quit")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+
+
+@pytest.fixture(scope="module")
+def workers():
+    started = [Worker() for _ in range(3)]
+    try:
+        for worker in started:
+            worker.collect("ready")
+        yield started
+        for worker in started:
+            assert not [line for line in worker.text if "Traceback" in line], "".join(worker.text)
+    finally:
+        for worker in started:
+            worker.quit()
+        for worker in started:
+            worker.close()
+    assert [worker.process.returncode for worker in started] == [0, 0, 0]
+
+
+def stray_files(root: Path) -> tuple[list[str], list[str]]:
+    """(temporary files and folders, snapshots the manifest does not name) under ``root``."""
+    temporary = sorted(path.name for path in root.glob(f"{storage.TEMPORARY_PREFIX}*"))
+    named = {entry["path"] for entry in json.loads((root / "manifest.json").read_text())["adapters"].values()}
+    unnamed = sorted(
+        f"{folder.name}/{snapshot.name}"
+        for folder in root.iterdir()
+        if folder.is_dir() and not folder.name.startswith(".")
+        for snapshot in folder.iterdir()
+        if f"{folder.name}/{snapshot.name}" not in named
+    )
+    return temporary, unnamed
+
+
+def assert_clean(root: Path) -> None:
+    temporary, unnamed = stray_files(root)
+    assert temporary == [] and unnamed == [], f"left behind: {temporary + unnamed}"
+    for entry in json.loads((root / "manifest.json").read_text())["adapters"].values():
+        assert not entry["path"].startswith(storage.TEMPORARY_PREFIX)
+        assert storage.SNAPSHOT.fullmatch(Path(entry["path"]).name)
+
+
+# ------------------------------------------------------------------------------------ kills
+KILLS = 10
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the saving child is forked from a worker")
+def test_a_save_killed_at_random_moments_leaves_one_complete_version(workers, tmp_path):
+    """SIGKILL a process saving an 80 MB adapter, again and again, at random moments.
+
+    After each kill the folder must load as exactly one complete version: the
+    last save that finished, or the one that was running. The next save then
+    removes whatever the killed one left.
+    """
+    worker, root = workers[0], tmp_path / "saved"
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+
+    def run_saves(first: float, count: int) -> int:
+        """Fork a child saving ``first``, then the other value, and so on; 0 = until killed."""
+        return worker.call("fork_saves", root=str(root), first=first, other=3.0 - first, count=count)["child"]
+
+    def reap(child: int, events: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        worker.send("reap", pid=child)
+        events = events + worker.collect("reply")  # the child's lines all come before the reap's answer
+        status = events.pop()
+        assert "error" not in status, status["error"]
+        return status, [event for event in events if event["kind"] in ("begin", "end")]
+
+    def loaded_value() -> float:
+        found, adapters = storage.read_all(root)
+        assert list(found.adapters) == ["big"] and list(adapters) == ["big"]
+        adapter_model = AdapterModel.from_pretrained(common.big_base(), root)
+        assert adapter_model.adapters == ["big"]
+        return common.value_of(adapter_model, "big")
+
+    def until(condition: Any) -> float:
+        """Poll the folder (every millisecond) until ``condition()``; return the time it became true."""
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            assert time.monotonic() < deadline, "the save never got there"
+            time.sleep(0.001)
+        return time.monotonic()
+
+    def writing() -> bool:  # a save has begun writing its files: a temporary folder is there
+        return any(root.glob(f"{storage.TEMPORARY_PREFIX}*"))
+
+    def a_snapshot_appears() -> Any:
+        """A condition: a snapshot folder is there that was not at the previous look (or before)."""
+        seen = set(os.listdir(root / "big"))
+
+        def condition() -> bool:
+            nonlocal seen
+            now = set(os.listdir(root / "big"))
+            new, seen = now - seen, now
+            return bool(new)
+
+        return condition
+
+    # One complete save first, so that there is a version to keep; and how long its parts take.
+    child = run_saves(1.0, 1)
+    events = worker.collect("begin")
+    started = until(writing)
+    events += worker.collect("end")
+    write_seconds = time.monotonic() - started  # writing, renaming, switching the manifest, cleaning up
+    status, events = reap(child, events)
+    assert status["code"] == 0 and [e["kind"] for e in events] == ["begin", "end"]
+    seconds = events[-1]["seconds"]
+    assert loaded_value() == 1.0
+
+    complete, following = 1.0, 2.0
+    mid_save = temporary_left = snapshot_left = 0
+    timings = []
+    for kill in range(KILLS):
+        named = root / json.loads((root / "manifest.json").read_text())["adapters"]["big"]["path"]
+        appears = a_snapshot_appears()
+        child = run_saves(following, 0)
+        events = worker.collect("begin")  # the first save has started
+        # Most of a save is serializing and hashing; it writes in the last part. So most kills land
+        # in that part: as it begins, as the new snapshot appears (before the manifest names it),
+        # as the old one goes (after), at a random moment of it; or at a random moment of the save.
+        strategy = kill % 5
+        if strategy == 1:
+            until(writing)
+        elif strategy == 2:
+            until(appears)
+        elif strategy == 3:
+            until(lambda old=named: not (old / "adapter_model.safetensors").exists())
+        elif strategy == 4:
+            until(writing)
+            time.sleep(rng.uniform(0.0, write_seconds))
+        else:
+            time.sleep(rng.uniform(0.0, 1.25 * seconds))
+        os.kill(child, signal.SIGKILL)
+        status, events = reap(child, events)
+        assert status == {"kind": "reply", "op": "reap", "signal": "SIGKILL"}
+        ends = [event["value"] for event in events if event["kind"] == "end"]
+        if ends:
+            complete = ends[-1]
+        running = events[-1]["value"] if events[-1]["kind"] == "begin" else None
+        mid_save += running is not None
+        temporary, unnamed = stray_files(root)
+        temporary_left += bool(temporary)
+        snapshot_left += bool(unnamed)
+
+        check = time.perf_counter()
+        value = loaded_value()
+        timings.append(time.perf_counter() - check)
+        assert value in {complete, running}, (value, complete, running, seed)
+        complete = value  # a killed save that switched the manifest did complete
+        following = running if running is not None else 3.0 - complete
+
+    # A last save that finishes cleans up everything the killed ones left.
+    status, events = reap(run_saves(following, 1), [])
+    assert status["code"] == 0 and [e["kind"] for e in events] == ["begin", "end"]
+    assert loaded_value() == following
+    assert_clean(root)
+    assert sorted(path.name for path in root.iterdir()) == [storage.LOCK_FILE, "big", "manifest.json"]
+
+    print(
+        f"\n{KILLS} kills (seed {seed}), a save takes {seconds:.2f}s ({write_seconds:.2f}s of writing and "
+        f"switching): {mid_save} landed mid-save, "
+        f"{temporary_left} left temporary files, {snapshot_left} left an unnamed snapshot (which the next "
+        f"save, of the same content, takes over); a check load takes {sum(timings) / len(timings):.2f}s"
+    )
+    # Otherwise the test proved nothing about a save being killed.
+    assert mid_save >= 1 and temporary_left + snapshot_left >= 1
+    shutil.rmtree(root)  # 80 MB: not worth keeping among pytest's last three temporary folders
+
+
+# ---------------------------------------------------------------------------- many writers
+ROUNDS = 20
+
+
+def values_for(writer: int, rounds: int = ROUNDS) -> list[float]:
+    """Writer ``writer``'s contents, one per round, unique across writers."""
+    return [float(1000 * (writer + 1) + step) for step in range(rounds)]
+
+
+def test_writers_of_different_names_into_one_folder_keep_every_name(workers, tmp_path):
+    root = tmp_path / "saved"
+    names = [f"writer{i}" for i in range(len(workers))]
+    for i, worker in enumerate(workers):
+        worker.send("save", root=str(root), name=names[i], values=values_for(i))
+    for worker in workers:
+        assert worker.reply()["saved"] == ROUNDS
+
+    found, _ = storage.read_all(root)
+    assert sorted(found.adapters) == names
+    adapter_model = AdapterModel.from_pretrained(common.small_base(), root)
+    assert sorted(adapter_model.adapters) == names
+    for i, name in enumerate(names):
+        assert common.value_of(adapter_model, name) == values_for(i)[-1]
+        alone = AdapterModel.from_pretrained(common.small_base(), root, adapter_name=name)
+        assert common.value_of(alone, name) == values_for(i)[-1]
+    assert_clean(root)
+
+
+def test_writers_of_one_name_leave_one_complete_version(workers, tmp_path):
+    root = tmp_path / "saved"
+    for i, worker in enumerate(workers):
+        worker.send("save", root=str(root), name="shared", values=values_for(i))
+    for worker in workers:
+        assert worker.reply()["saved"] == ROUNDS
+
+    adapter_model = AdapterModel.from_pretrained(common.small_base(), root)
+    assert adapter_model.adapters == ["shared"]
+    # The save that switched the manifest last is some writer's last one.
+    assert common.value_of(adapter_model, "shared") in {values_for(i)[-1] for i in range(len(workers))}
+    assert_clean(root)
+
+
+def test_readers_during_writers_always_see_a_complete_version(workers, tmp_path):
+    root, stop, started = tmp_path / "saved", tmp_path / "stop", tmp_path / "started"
+    (reader, *writers) = workers
+    rounds = 30
+    seed_model = common.adapted(common.small_base(), "shared")
+    common.fill(seed_model, "shared", 1.0)
+    seed_model.save_pretrained(root)
+    # Writer 0 alternates two contents of "shared", so a manifest's bytes come back (A, B, A);
+    # writer 1 replaces "other", a second adapter of the same folder, with new contents.
+    shared, other = [7.0, 8.0] * rounds, values_for(1, rounds)
+    allowed = {"shared": [1.0, 7.0, 8.0], "other": other}
+    reader.send("read", root=str(root), allowed=allowed, stop=str(stop), started=str(started))
+    writers[0].send("save", root=str(root), name="shared", values=shared, after=[str(started)])
+    writers[1].send("save", root=str(root), name="other", values=other, after=[str(started)])
+    for writer in writers:
+        writer.reply()
+    stop.touch()
+    answer = reader.reply()
+    assert answer["errors"] == [], "\n".join(answer["errors"])
+    # The reader saw the folder before, after, and while the writers wrote.
+    assert answer["states"] >= 3, answer
+    final = AdapterModel.from_pretrained(common.small_base(), root)
+    assert common.value_of(final, "shared") == shared[-1] and common.value_of(final, "other") == other[-1]
+    assert_clean(root)
+    print(f"\n{2 * rounds} + {rounds} saves: {answer['reads']} reads, {answer['states']} states seen")
+
+
+def _saver(root: Path, name: str = "shared"):
+    """An in-process writer: ``save(value)`` saves adapter ``name`` filled with ``value`` into ``root``."""
+    adapter_model = common.adapted(common.small_base(), name)
+
+    def save(value: float) -> None:
+        common.fill(adapter_model, name, value)
+        adapter_model.save_pretrained(root)
+
+    return save
+
+
+def _during_first_read(monkeypatch, action):
+    """Run ``action(read)`` in place of the first snapshot read of a load; ``read`` is the real one."""
+    original, calls = manifest.read_files, []
+
+    def read_files(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            return action(lambda: original(*args))
+        return original(*args)
+
+    monkeypatch.setattr(manifest, "read_files", read_files)
+    return calls
+
+
+def test_a_reader_reads_again_when_a_writer_removes_its_snapshot_meanwhile(tmp_path, monkeypatch):
+    save = _saver(tmp_path)
+    save(1.0)
+
+    def writer_wins(read):
+        save(2.0)  # switches the manifest, then removes the snapshot of 1.0 this read was about to take
+        return read()
+
+    calls = _during_first_read(monkeypatch, writer_wins)
+    assert common.value_of(AdapterModel.from_pretrained(common.small_base(), tmp_path), "shared") == 2.0
+    assert len(calls) == 2
+
+
+def test_a_reader_reads_again_when_it_sees_a_snapshot_half_removed(tmp_path, monkeypatch):
+    save = _saver(tmp_path)
+    save(1.0)
+    old = tmp_path / json.loads((tmp_path / "manifest.json").read_text())["adapters"]["shared"]["path"]
+
+    def half_removed(read):
+        save(2.0)
+        old.mkdir()  # what shutil.rmtree of the old snapshot leaves halfway: some of its files
+        (old / "adapter_config.json").write_text("{}")
+        return read()
+
+    calls = _during_first_read(monkeypatch, half_removed)
+    assert common.value_of(AdapterModel.from_pretrained(common.small_base(), tmp_path), "shared") == 2.0
+    assert len(calls) == 2
+
+
+def test_a_reader_reads_again_when_the_manifest_comes_back_to_the_same_bytes(tmp_path, monkeypatch):
+    save = _saver(tmp_path)
+    save(1.0)
+    first = (tmp_path / "manifest.json").read_bytes()
+
+    def a_b_a(read):
+        save(2.0)  # the snapshot this read wanted is removed...
+        try:
+            return read()
+        finally:
+            save(1.0)  # ...and made again: the manifest holds the bytes the reader read first
+            assert (tmp_path / "manifest.json").read_bytes() == first
+
+    calls = _during_first_read(monkeypatch, a_b_a)
+    assert common.value_of(AdapterModel.from_pretrained(common.small_base(), tmp_path), "shared") == 1.0
+    assert len(calls) == 2
+
+
+def test_a_snapshot_really_gone_is_still_reported_at_once(tmp_path, monkeypatch):
+    save = _saver(tmp_path)
+    save(1.0)
+    (snapshot,) = (tmp_path / "shared").iterdir()
+    (snapshot / "adapter_model.safetensors").unlink()
+    original, readings = manifest.parse, []
+    monkeypatch.setattr(manifest, "parse", lambda *args: readings.append(args) or original(*args))
+    with pytest.raises(
+        ValueError, match=r"does not hold the files.*missing: \['adapter_model.safetensors'\]"
+    ):
+        AdapterModel.from_pretrained(common.small_base(), tmp_path)
+    assert len(readings) == 2  # one more reading to be sure nobody is writing, not twenty
+
+
+# ------------------------------------------------------------------------------- registry
+def test_concurrent_publishes_get_unique_consecutive_versions(workers, tmp_path):
+    root, rounds = tmp_path / "registry", 10
+    for i, worker in enumerate(workers):
+        worker.send("publish", root=str(root), name="shared", values=values_for(i, rounds))
+    published = {}
+    for worker in workers:
+        for version, value in worker.reply()["published"]:
+            assert version not in published, f"version {version} handed out twice"
+            published[version] = value
+    registry = Registry(root)
+    assert sorted(published) == list(range(1, len(workers) * rounds + 1))
+    assert registry.versions("shared") == sorted(published)
+    for version, value in published.items():
+        adapter_model = registry.load(common.small_base(), f"shared@{version}")
+        assert common.value_of(adapter_model, "shared") == value
+    assert registry.verify() == []
+    assert list(root.glob(f"{storage.TEMPORARY_PREFIX}*")) == []
+
+
+def test_loads_during_removals_return_the_adapter_or_say_it_was_removed(workers, tmp_path):
+    root, stop, count = tmp_path / "registry", tmp_path / "stop", 40
+    registry = Registry(root)
+    adapter_model = common.adapted(common.small_base(), "default")
+    expected = {}
+    for step in range(count):
+        common.fill(adapter_model, "default", float(step + 1))
+        expected[str(registry.publish(adapter_model, "shared"))] = float(step + 1)
+    loaders, remover = workers[:2], workers[2]
+    started = [tmp_path / f"started{i}" for i in range(len(loaders))]
+    for i, loader in enumerate(loaders):
+        loader.send(
+            "registry_load",
+            root=str(root),
+            name="shared",
+            expected=expected,
+            stop=str(stop),
+            seed=i,
+            started=str(started[i]),
+        )
+    order = random.sample(sorted(expected, key=int), count)
+    remover.call(
+        "remove", root=str(root), specs=[f"shared@{v}" for v in order], after=[str(s) for s in started]
+    )
+    stop.touch()
+    totals = {"loaded": 0, "removed": 0, "raced": 0}
+    for loader in loaders:
+        answer = loader.reply()
+        assert answer["errors"] == [], "\n".join(answer["errors"])
+        for key in totals:
+            totals[key] += answer[key]
+    assert totals["loaded"] >= len(loaders) and totals["removed"] >= 1, totals
+    print(f"\n{count} removals: {totals}")
+    assert registry.versions("shared") == []
+    with pytest.raises(ValueError, match="was removed"):
+        registry.load(common.small_base(), "shared@1")
+    assert registry.gc() == []  # every removal cleaned up after itself
