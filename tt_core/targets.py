@@ -18,7 +18,9 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 def named_base_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """Every module of ``model`` by full name, seeing through tt_core wrappers."""
     inside_wrapper: tuple[str, ...] = ()
-    for name, module in model.named_modules():
+    # remove_duplicate=False: after resize_token_embeddings, T5's encoder and decoder hold the very
+    # module `shared` is; each name must be seen, or only one of them would be adapted.
+    for name, module in model.named_modules(remove_duplicate=False):
         if name.startswith(inside_wrapper):
             continue
         if isinstance(module, AdapterLayer):

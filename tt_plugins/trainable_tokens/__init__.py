@@ -2,5 +2,6 @@
 
 from tt_plugins.trainable_tokens.config import TrainableTokensConfig
 from tt_plugins.trainable_tokens.layer import TrainableTokensLayer
+from tt_plugins.trainable_tokens.tokens import add_new_tokens, token_ids
 
-__all__ = ["TrainableTokensConfig", "TrainableTokensLayer"]
+__all__ = ["TrainableTokensConfig", "TrainableTokensLayer", "add_new_tokens", "token_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from tt_core import AdapterConfig
@@ -67,6 +68,42 @@ class TrainableTokensConfig(AdapterConfig):
         else:
             self.token_indices = _clean_indices(self.token_indices, "")
         self.target_modules = check_target_modules(self.target_modules)
+
+    @classmethod
+    def from_tokens(cls, tokens: Iterable[Any], tokenizer: Any, **kwargs: Any) -> TrainableTokensConfig:
+        """A config training the rows of ``tokens``, strings that are already single tokens of ``tokenizer``.
+
+        ``TrainableTokensConfig.from_tokens(["<covid19>", "[SEP]"], tokenizer, init_weights=False)``.
+        Strings the tokenizer splits are an error naming them; add those with
+        :meth:`add_new_tokens`. ``kwargs`` are the config's other fields.
+        """
+        from tt_plugins.trainable_tokens.tokens import token_ids
+
+        if "token_indices" in kwargs:
+            raise TypeError("from_tokens() takes the ids from tokens; drop token_indices")
+        return cls(token_indices=token_ids(tokenizer, tokens), **kwargs)
+
+    @classmethod
+    def add_new_tokens(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        tokens: Iterable[Any] | Mapping[Any, str | None],
+        *,
+        special_tokens: bool = False,
+        **kwargs: Any,
+    ) -> TrainableTokensConfig:
+        """Add new tokens to ``tokenizer`` and ``model``, each row the mean of its old word-pieces.
+
+        One call for: ``tokenizer.add_tokens``, ``model.resize_token_embeddings``
+        (a tied head stays tied), initialising the new rows, and this config.
+        ``tokens``: a list, or ``{token: description}`` to start a row from
+        the description's pieces. Tokens the tokenizer already has are an
+        error (see :func:`tt_plugins.trainable_tokens.tokens.add_new_tokens`).
+        """
+        from tt_plugins.trainable_tokens.tokens import add_tokens_for
+
+        return add_tokens_for(cls, model, tokenizer, tokens, special_tokens, kwargs)
 
     def indices_for(self, target_name: str) -> list[int] | None:
         """The ids for one target module (a dict key may be a suffix of its full name)."""
