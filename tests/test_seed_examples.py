@@ -7,20 +7,10 @@ one built with the ``tokenizers`` library, so nothing is downloaded.
 import pytest
 import torch
 import transformers
-from models import VOCAB
-from tokenizers import Tokenizer, models, pre_tokenizers
+from models import VOCAB, word_tokenizer
 
 from tt_core import AdapterLayer, AdapterModel, get_adapter_model
 from tt_plugins.trainable_tokens import TrainableTokensConfig
-
-
-def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    words = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
-    )
 
 
 def _opt() -> transformers.OPTForCausalLM:
@@ -41,7 +31,7 @@ def _opt() -> transformers.OPTForCausalLM:
 @pytest.fixture
 def opt_with_new_tokens():
     """Basic model creation: add tokens, resize, take their ids."""
-    model, tokenizer = _opt(), _tokenizer()
+    model, tokenizer = _opt(), word_tokenizer()
     new_tokens = ["<special1>", "<special2>"]
     tokenizer.add_tokens(new_tokens)
     model.resize_token_embeddings(len(tokenizer))

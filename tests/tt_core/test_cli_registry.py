@@ -7,8 +7,7 @@ import subprocess
 import pytest
 import torch
 import transformers
-from models import VOCAB, batch, build, logits
-from tokenizers import Tokenizer, models, pre_tokenizers
+from models import VOCAB, batch, build, logits, word_tokenizer
 
 from tt_core import get_adapter_model
 from tt_core.cli import main
@@ -29,15 +28,6 @@ def assert_one_line_error(status, out, err, command, expected_status=2):
     assert out == ""
     assert err.startswith(f"tt {command}: ") and err.endswith("\n") and err.count("\n") == 1, err
     assert "Traceback" not in err
-
-
-def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    words = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
-    )
 
 
 @pytest.fixture
@@ -96,7 +86,7 @@ def test_the_registry_comes_from_tt_registry_when_not_given(capsys, monkeypatch,
 
 
 def test_publish_records_the_added_tokens_of_a_tokenizer_folder(capsys, tmp_path, registry, saved):
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer()
     tokenizer.add_tokens(["<new>"])
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     status, out, err = tt(
@@ -247,7 +237,7 @@ def test_merge_saves_a_plain_model_with_the_adapter_folded_in(capsys, tmp_path, 
 
 def test_merge_adds_the_recorded_tokens_to_the_saved_tokenizer(capsys, tmp_path, registry):
     base_dir, out = tmp_path / "base", tmp_path / "out"
-    model, tokenizer = build("llama_tied"), _tokenizer()
+    model, tokenizer = build("llama_tied"), word_tokenizer()
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)  # the original tokenizer, without the new token
     tokenizer.add_tokens(["<new>"])

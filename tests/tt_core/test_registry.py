@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from models import VOCAB, batch, build, logits
-from tokenizers import Tokenizer, models, pre_tokenizers
+from models import VOCAB, batch, build, logits, word_tokenizer
 
 from tt_core import AdapterLayer, AdapterModel, get_adapter_model
 from tt_core.registry import Registry
@@ -331,21 +329,12 @@ def test_a_version_removed_between_info_and_loading_says_so(registry, monkeypatc
 
 
 # ---------------------------------------------------------------------------- tokenizer
-def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    words = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
-    )
-
-
 NEW_TOKENS = ["<drug>", "<dose>"]
 
 
 def _published_with_tokens(registry, name="terms", new_tokens=NEW_TOKENS, seed=5):
     """Add tokens to a tokenizer, resize the model, train their rows, publish with the tokenizer."""
-    tokenizer, model = _tokenizer(), build(FAMILY)
+    tokenizer, model = word_tokenizer(), build(FAMILY)
     tokenizer.add_tokens(new_tokens)
     model.resize_token_embeddings(len(tokenizer))
     ids = tokenizer.convert_tokens_to_ids(new_tokens)
@@ -363,7 +352,7 @@ def test_load_adds_the_published_tokens_at_their_ids_and_resizes_the_model(regis
         zip(NEW_TOKENS, ids, strict=True)
     )
 
-    tokenizer, base = _tokenizer(), build(FAMILY)  # the tokenizer the user has: without the tokens
+    tokenizer, base = word_tokenizer(), build(FAMILY)  # the tokenizer the user has: without the tokens
     loaded = registry.load(base, "terms", tokenizer=tokenizer)
     assert tokenizer.convert_tokens_to_ids(NEW_TOKENS) == ids and len(tokenizer) == VOCAB + 2
     assert base.get_input_embeddings().weight.shape[0] == VOCAB + 2
@@ -390,12 +379,12 @@ def _assert_refused_unchanged(registry, specs, tokenizer, match):
 
 def test_a_tokenizer_whose_ids_are_taken_is_refused_and_nothing_changes(registry):
     _published_with_tokens(registry)
-    taken = _tokenizer()
+    taken = word_tokenizer()
     taken.add_tokens(["<other>"])  # sits at the id '<drug>' needs
     _assert_refused_unchanged(
         registry, "terms", taken, r"needs tokens \['<drug>', '<dose>'\] at ids \[128, 129\].*has 129 tokens"
     )
-    swapped = _tokenizer()
+    swapped = word_tokenizer()
     swapped.add_tokens(["<dose>", "<drug>"])
     _assert_refused_unchanged(
         registry, "terms", swapped, "token '<drug>' has id 129 in this tokenizer but 128"
@@ -408,7 +397,7 @@ def test_two_adapters_wanting_one_id_for_different_tokens_change_nothing(registr
     _assert_refused_unchanged(
         registry,
         ["terms", "rival"],
-        _tokenizer(),
+        word_tokenizer(),
         "terms@1 records token '<drug>' at id 128 and rival@1 token '<rival>' at id 128: they were "
         "published with different tokenizers",
     )
@@ -419,7 +408,7 @@ def test_tokens_for_a_model_that_already_carries_adapters_are_refused_before_any
     existing = get_adapter_model(
         build(FAMILY), TrainableTokensConfig(token_indices=[30]), adapter_name="mine"
     )
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer()
     with pytest.raises(
         ValueError, match="would have 130 tokens but the model's embedding 128 rows.*cannot be resized"
     ):
