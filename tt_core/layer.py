@@ -5,7 +5,30 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class AppliedAdapters(list):
+    """The ``earlier`` argument of :meth:`AdapterState.project`: the adapters applied so far, in order.
+
+    A plain ``list`` of :class:`AdapterState` for a plugin that only iterates it.
+    ``output_writable`` is what the core knows of the ``output`` passed along
+    with it: True when no autograd node saved that tensor for its backward and
+    it is no view of another tensor, so the adapter may change it in place
+    (e.g. ``output.addmm_(...)`` inside an ``autograd.Function`` that marks it
+    dirty) instead of copying a tokens x vocabulary tensor. False when an
+    adapter that does not promise so (:attr:`AdapterState.keeps_output_writable`)
+    came before, or the base module is not a plain ``nn.Linear``; a plain
+    ``list`` passed by a caller means False too (see :func:`output_writable`).
+    """
+
+    output_writable: bool = False
+
+
+def output_writable(earlier: list[Any]) -> bool:
+    """Whether ``output``, given to :meth:`AdapterState.project` with ``earlier``, may be changed in place."""
+    return bool(getattr(earlier, "output_writable", False))
 
 
 class AdapterState(nn.Module):
@@ -17,11 +40,50 @@ class AdapterState(nn.Module):
     output computed so far (the base output, already changed by the adapters
     earlier in the stack) and returns it changed by this adapter, as if the
     weight had been ``adapter(W_so_far)``.
+
+    Two opt-in ways make a stack on an LM head cheaper; a plugin that uses
+    neither works as before:
+
+    * :attr:`keeps_output_writable`: the adapter promises that the logits it
+      returns may be written in place by the next adapter, and writes in place
+      itself only when ``earlier.output_writable`` says so
+      (see :class:`AppliedAdapters`).
+    * :meth:`low_rank_factors`: an additive adapter whose change of the output
+      is ``left @ right`` gives the two factors; consecutive such adapters of
+      a stack then share one pass over the tokens x vocabulary output (one
+      in-place ``addmm_`` forward, two skinny matmuls backward) and
+      :meth:`project` is not called for them.
+    * :attr:`head_replaces_rows`: a method that changes only the rows
+      :meth:`touched_rows` names. In a stack made only of such adapters and
+      of adapters giving :meth:`low_rank_factors`, the core computes the head
+      without calling :meth:`project`: one low-rank pass for all additive
+      adapters, then one sparse replacement of the union of touched columns by
+      those rows folded through the whole stack (:meth:`adapt_rows`), wherever
+      in the stack they sit (see :class:`AdapterLayer`).
     """
 
     #: True when the adapter adds to the weight (adds commute with each other);
     #: False when it replaces the rows given by :meth:`touched_rows`.
     additive: ClassVar[bool] = False
+
+    #: Opt-in. True promises that :meth:`project` saves neither its ``output``
+    #: argument nor the tensor it returns for its backward, returns no view of
+    #: another tensor, and changes ``output`` in place only when
+    #: ``earlier.output_writable`` is True (otherwise it works on a copy or out
+    #: of place). The core then tells the next adapter that the result may be
+    #: written in place: always when it is a new tensor, and when it is
+    #: ``output`` itself if ``output`` was writable. False (the default): the
+    #: next adapter gets ``output_writable=False`` and copies before writing.
+    keeps_output_writable: ClassVar[bool] = False
+
+    #: Opt-in. True promises that the adapter changes only the weight rows
+    #: :meth:`touched_rows` returns (never ``None``), as :meth:`adapt_rows` says,
+    #: so that :meth:`project` is the output with those columns replaced by
+    #: ``hidden @ adapt_rows(rows).T + bias[rows]``. The core may then compute
+    #: those columns itself, together with other adapters' (see the class
+    #: docstring), instead of calling :meth:`project`. False (the default):
+    #: :meth:`project` is always called.
+    head_replaces_rows: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,8 +115,26 @@ class AdapterState(nn.Module):
 
         ``earlier`` are the unmerged adapters applied before this one, in order,
         for a method that needs the rows as they were before it (see :meth:`adapt_rows`).
+        From the core it is an :class:`AppliedAdapters`, which also says whether
+        ``output`` may be written in place; read it with :func:`output_writable`.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot adapt a linear layer")
+
+    def low_rank_factors(
+        self, hidden: torch.Tensor, output_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Opt-in shared pass for an additive adapter: its change of the output as ``left @ right``.
+
+        ``left`` has shape ``hidden.shape[:-1] + (r,)`` (or flat, ``(tokens, r)``)
+        and ``right`` shape ``(r, out_features)``, both in ``output_dtype`` and differentiable in
+        the adapter's parameters (scaling folded into either). Only asked of
+        an adapter whose ``additive`` is True. The core concatenates the
+        factors of consecutive such adapters on one weight and adds them to
+        the output with one ``addmm`` (:func:`add_low_rank`), in place when
+        the output is writable. ``None`` (the default): the core calls
+        :meth:`project` instead.
+        """
+        return None
 
     def merge_into(self, weight: torch.Tensor) -> None:
         """Fold this adapter into ``weight`` in place, keeping what :meth:`unmerge_from` needs.
@@ -83,12 +163,197 @@ def embedding_scale(base_layer: nn.Module) -> torch.Tensor | float | None:
     return getattr(base_layer, "embed_scale", None)
 
 
+# Rows of the output gradient per block in _AddLowRank's CPU backward: a block of
+# 32 rows stays in a core's cache between the two products that read it.
+_BLOCK_ROWS = 32
+
+
+class _AddLowRank(torch.autograd.Function):
+    """``output += left @ right`` in place (``output`` marked dirty), for a writable output.
+
+    The backward passes the output gradient through unchanged and makes only
+    ``grad @ right.T`` (tokens x r) for ``left`` and ``left.T @ grad``
+    (r x vocabulary) for ``right``: nothing tokens x vocabulary sized. On the
+    CPU it takes both products block of rows by block of rows, so the
+    gradient is read from memory once rather than twice.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        output: torch.Tensor,
+        left: torch.Tensor,
+        right: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(left, right)
+        ctx.mark_dirty(output)
+        output.view(-1, output.shape[-1]).addmm_(left, right)
+        return output
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = grads
+        left, right = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        flat = grad.reshape(-1, grad.shape[-1])
+        if (
+            needs[1]
+            and needs[2]
+            and flat.device.type == "cpu"
+            and flat.shape[0] > _BLOCK_ROWS
+            and not torch.is_grad_enabled()  # out= is not differentiable (create_graph)
+            and flat.dtype == left.dtype == right.dtype
+        ):
+            blocked_left = flat.new_empty(flat.shape[0], right.shape[0])
+            blocked_right = left[:_BLOCK_ROWS].T.mm(flat[:_BLOCK_ROWS])
+            torch.mm(flat[:_BLOCK_ROWS], right.T, out=blocked_left[:_BLOCK_ROWS])
+            for start in range(_BLOCK_ROWS, flat.shape[0], _BLOCK_ROWS):
+                rows = slice(start, start + _BLOCK_ROWS)
+                torch.mm(flat[rows], right.T, out=blocked_left[rows])
+                blocked_right.addmm_(left[rows].T, flat[rows])
+            return grad, blocked_left, blocked_right
+        grad_left = flat.mm(right.T) if needs[1] else None
+        grad_right = left.T.mm(flat) if needs[2] else None
+        return grad, grad_left, grad_right
+
+
+class _ReplaceColumns(torch.autograd.Function):
+    """``output[..., idx] = hidden @ rows.T + bias[idx]`` in place, with a sparse backward.
+
+    Zeroing the k replaced columns of the incoming gradient would copy a
+    tokens x vocabulary tensor. Instead the gradient passes through whole and
+    the hidden-state gradient is corrected by ``g @ (rows - previous)``, where
+    ``previous`` are the rows the earlier computation used for those columns;
+    their own gradient gets ``-g.T @ hidden`` so earlier adapters see none.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        output: torch.Tensor,
+        hidden: torch.Tensor,
+        rows: torch.Tensor,
+        bias_columns: torch.Tensor | None,
+        previous: torch.Tensor,
+        token_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        columns = F.linear(hidden, rows.to(hidden.dtype), bias_columns).to(output.dtype)
+        ctx.save_for_backward(hidden, rows, previous, token_indices)
+        ctx.mark_dirty(output)
+        return output.index_copy_(-1, token_indices, columns)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = grads
+        hidden, rows, previous, token_indices = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_hidden = grad_rows = None
+        if needs[1] or needs[2] or needs[4]:
+            grad_columns = grad.index_select(-1, token_indices).to(hidden.dtype)
+            if needs[1]:
+                grad_hidden = grad_columns @ (rows - previous.to(rows.dtype)).to(hidden.dtype)
+            if needs[2] or needs[4]:
+                flat_grad = grad_columns.reshape(-1, grad_columns.shape[-1])
+                grad_rows = (flat_grad.T @ hidden.reshape(-1, hidden.shape[-1])).to(rows.dtype)
+        return (
+            grad,
+            grad_hidden,
+            grad_rows if needs[2] else None,
+            None,
+            -grad_rows.to(previous.dtype) if grad_rows is not None and needs[4] else None,
+            None,
+        )
+
+
+def replace_columns(
+    output: torch.Tensor,
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    bias_columns: torch.Tensor | None,
+    previous: torch.Tensor | None,
+    token_indices: torch.Tensor,
+    writable: bool,
+) -> torch.Tensor:
+    """``output`` with columns ``token_indices`` set to ``hidden @ rows.T + bias_columns``, differentiable.
+
+    ``previous``: the rows ``output``'s columns were computed with (only read
+    when a gradient is needed). In place when ``writable`` (see
+    :class:`AppliedAdapters`), else into a copy; the backward allocates
+    nothing tokens x vocabulary sized. No graph needed: in place.
+    """
+    needs_grad = torch.is_grad_enabled() and (
+        output.requires_grad
+        or hidden.requires_grad
+        or rows.requires_grad
+        or (previous is not None and previous.requires_grad)
+    )
+    if not needs_grad:
+        columns = F.linear(hidden, rows.to(hidden.dtype), bias_columns)
+        return output.index_copy_(-1, token_indices, columns.to(output.dtype))
+    if previous is None:
+        raise ValueError("replace_columns needs the previous rows when a gradient is needed")
+    if not writable:
+        output = output.clone()  # an earlier node may have saved it for its backward
+    return _ReplaceColumns.apply(output, hidden, rows, bias_columns, previous, token_indices)
+
+
+def add_low_rank(
+    output: torch.Tensor, lefts: list[torch.Tensor], rights: list[torch.Tensor], writable: bool
+) -> torch.Tensor:
+    """``output + sum(left_i @ right_i)`` in one pass over ``output``, differentiable.
+
+    ``left_i`` has shape ``output.shape[:-1] + (r_i,)`` or ``(tokens, r_i)``, ``right_i`` shape
+    ``(r_i, output.shape[-1])``. With ``writable`` (see :class:`AppliedAdapters`)
+    and a contiguous ``output`` the sum is added in place; otherwise into a copy.
+    The result is always a writable tensor (no view, saved by no node).
+    """
+    flat = [left if left.dim() == 2 else left.reshape(-1, left.shape[-1]) for left in lefts]
+    left = flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
+    right = rights[0] if len(rights) == 1 else torch.cat(rights, dim=0)
+    needs_grad = torch.is_grad_enabled() and (
+        output.requires_grad or left.requires_grad or right.requires_grad
+    )
+    if not needs_grad:
+        # No graph is recorded: the output is changed in place, as it always was.
+        output = output.contiguous()
+        output.view(-1, output.shape[-1]).addmm_(left, right)
+        return output
+    if not writable or not output.is_contiguous():
+        output = output.clone(memory_format=torch.contiguous_format)
+    return _AddLowRank.apply(output, left, right)
+
+
 class AdapterLayer(nn.Module):
     """Wraps one base module (``nn.Embedding`` or ``nn.Linear``) and applies a stack of adapters.
 
     ``active_adapters`` is the stack, in order; adapters merged into the base
     weight are skipped, since the base module already applies them.
+
+    On a linear module (an LM head) the stack is applied in one of two ways,
+    with the same result:
+
+    * in order: each adapter's :meth:`AdapterState.project`, except that a run
+      of consecutive adapters giving :meth:`AdapterState.low_rank_factors`
+      shares one in-place pass (:func:`add_low_rank`);
+    * folded, when every adapter either gives low-rank factors or declares
+      :attr:`AdapterState.head_replaces_rows`, and that takes fewer passes over
+      the tokens x vocabulary logits than the order would (e.g. the stack
+      [tokens, LoRA, tokens, LoRA]): all low-rank updates in one pass, then the
+      union of touched columns written once (:func:`replace_columns`). Always
+      in training; without a gradient only from
+      :attr:`fold_min_elements_without_grad` logits on.
+
+    Either way the logits are written in place only where nothing saved them
+    (:class:`AppliedAdapters`).
     """
+
+    #: Without a gradient the folded head runs only from this many logits on: a pass
+    #: over fewer (1 x 32 tokens x 32k: 1M) costs less than the small ops folding adds.
+    fold_min_elements_without_grad: ClassVar[int] = 1 << 22
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -96,6 +361,8 @@ class AdapterLayer(nn.Module):
         self.base_layer: nn.Module = base_layer
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
+        #: Set by tt_core.per_sample.serving for the length of an ``adapter_names=`` call.
+        self.sample_plan: Any = None
 
     @staticmethod
     def check_wrappable(name: str, base_layer: nn.Module) -> None:
@@ -112,17 +379,157 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         output = self.base_layer(x, *args, **kwargs)
-        applied: list[AdapterState] = []
+        if self.sample_plan is not None:  # adapter_names=: a stack per sample (tt_core/per_sample.py)
+            from tt_core.per_sample import apply_plan
+
+            return apply_plan(self, self.sample_plan, x, output)
+        states: list[AdapterState] = []
         for name in self.active_adapters:
             state: AdapterState = self.adapters[name]  # type: ignore[assignment]
-            if state.merged:
-                continue
-            if self.is_embedding:
+            if not state.merged:
+                states.append(state)
+        if not states:
+            return output
+        if self.is_embedding:
+            for state in states:
                 output = state.embed(x, output, self.base_layer)
-            else:
-                output = state.project(x, output, self.base_layer, applied)
+            return output
+        return self._project(x, output, states)
+
+    def _project(
+        self, hidden: torch.Tensor, output: torch.Tensor, states: list[AdapterState]
+    ) -> torch.Tensor:
+        output, writable = self._writable_base_output(output)
+        factors = [
+            state.low_rank_factors(hidden, output.dtype) if state.additive else None for state in states
+        ]
+        if self._fold_pays(states, factors) and (
+            output.numel() >= self.fold_min_elements_without_grad or torch.is_grad_enabled()
+        ):
+            return self._project_folded(hidden, output, states, factors, writable)
+        applied = AppliedAdapters()
+        applied.output_writable = writable
+        index = 0
+        while index < len(states):
+            # Consecutive additive adapters giving low-rank factors share one pass over the output.
+            group = 0
+            while index + group < len(states) and factors[index + group] is not None:
+                group += 1
+            if group:
+                pairs = [pair for pair in factors[index : index + group] if pair is not None]
+                lefts, rights = [left for left, _ in pairs], [right for _, right in pairs]
+                output = add_low_rank(output, lefts, rights, applied.output_writable)
+                applied.extend(states[index : index + group])
+                applied.output_writable = True
+                index += group
+                continue
+            state = states[index]
+            result = state.project(hidden, output, self.base_layer, applied)
+            applied.output_writable = state.keeps_output_writable and (
+                result is not output or applied.output_writable
+            )
+            output = result
             applied.append(state)
+            index += 1
         return output
+
+    @staticmethod
+    def _fold_pays(
+        states: list[AdapterState], factors: list[tuple[torch.Tensor, torch.Tensor] | None]
+    ) -> bool:
+        """Whether the folded head (one low-rank pass, one column replacement) does fewer passes.
+
+        It can when every adapter gives low-rank factors or opts in with
+        ``head_replaces_rows``; it pays when the stack in order would take more
+        passes: more than one run of low-rank adapters, or more than one
+        row-replacing adapter.
+        """
+        rows = [factor is None for factor in factors]
+        for state, replaces in zip(states, rows, strict=True):
+            if replaces and not (state.head_replaces_rows and state.touched_rows() is not None):
+                return False
+        low_rank_runs = sum(1 for i, r in enumerate(rows) if not r and (i == 0 or rows[i - 1]))
+        in_order = low_rank_runs + sum(rows)
+        folded = int(low_rank_runs > 0) + int(any(rows))
+        return folded < in_order
+
+    def _project_folded(
+        self,
+        hidden: torch.Tensor,
+        output: torch.Tensor,
+        states: list[AdapterState],
+        factors: list[tuple[torch.Tensor, torch.Tensor] | None],
+        writable: bool,
+    ) -> torch.Tensor:
+        """The head of a stack of low-rank and row-replacing adapters in two passes, in any order.
+
+        ``W_eff = a_n(... a_1(W))`` differs from ``W`` by the sum of the
+        low-rank updates everywhere except on the rows some adapter replaces,
+        where it is those rows folded through the whole stack. So: add every
+        low-rank update in one pass; then replace the union of touched columns
+        by ``hidden @ W_eff[rows].T`` with ``W_eff[rows]`` from
+        :meth:`AdapterState.adapt_rows` of every adapter in order. The sparse
+        backward of the replacement takes back from the low-rank updates what
+        they gave those columns (``previous``: the rows the first pass used).
+        """
+        pairs = [pair for pair in factors if pair is not None]
+        if pairs:
+            output = add_low_rank(
+                output, [left for left, _ in pairs], [right for _, right in pairs], writable
+            )
+            writable = True
+        touched: list[torch.Tensor] = []
+        for state, pair in zip(states, factors, strict=True):
+            rows_of_state = state.touched_rows() if pair is None else None
+            if rows_of_state is not None:
+                touched.append(rows_of_state)
+        ids = torch.cat(touched).unique() if len(touched) > 1 else touched[0]
+        base: nn.Linear = self.base_layer  # type: ignore[assignment]
+        base_rows = base.weight[ids]
+        rows = base_rows
+        for state in states:
+            rows = state.adapt_rows(ids, rows)
+        previous = None
+        if torch.is_grad_enabled():
+            previous = base_rows
+            for state, pair in zip(states, factors, strict=True):
+                if pair is not None:
+                    previous = state.adapt_rows(ids, previous)
+        bias_columns = None if base.bias is None else base.bias[ids]
+        return replace_columns(output, hidden, rows, bias_columns, previous, ids, writable)
+
+    def _writable_base_output(self, output: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The base output, and whether adapters may write it in place.
+
+        ``nn.Linear.forward`` (``F.linear``) saves its inputs, never its
+        output, so its output is writable, unless hooks or a subclass's own
+        forward could have done anything to it. For a 3-D input with a bias
+        ``F.linear`` returns a view of its 2-D ``addmm`` result; writing into
+        that view in place would make autograd copy the whole base on the
+        backward, so the adapters get a non-view alias of the same memory
+        (``_unsafe_view``, as ``torch.matmul`` itself returns).
+        """
+        base = self.base_layer
+        if (
+            type(base).forward is not nn.Linear.forward
+            or "forward" in vars(base)
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or type(output) is not torch.Tensor  # a tensor subclass (DTensor...) may alias otherwise
+        ):
+            return output, False
+        root = output._base
+        if root is None:
+            return output, True
+        if (
+            root._base is None
+            and root.is_contiguous()
+            and output.is_contiguous()
+            and root.numel() == output.numel()
+            and root.storage_offset() == output.storage_offset()
+        ):
+            return torch.ops.aten._unsafe_view(root, output.shape), True
+        return output, False
 
     def __getattr__(self, name: str) -> Any:
         # Attributes the model reads from its embedding (weight, padding_idx,

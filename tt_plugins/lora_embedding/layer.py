@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tt_core import AdapterState
-from tt_core.layer import embedding_scale
+from tt_core.layer import add_low_rank, embedding_scale, output_writable
 
 _STD_SAMPLE_ROWS = 4096
 
@@ -24,6 +24,8 @@ class LoraEmbeddingLayer(AdapterState):
     """
 
     additive = True
+    # The head update is added in place into a writable output, else into a copy; nothing is saved.
+    keeps_output_writable = True
 
     def __init__(self, weight: torch.Tensor, r: int, scaling: float, init_weights: bool = True) -> None:
         super().__init__()
@@ -65,22 +67,26 @@ class LoraEmbeddingLayer(AdapterState):
         columns = self.lora_embedding_A.index_select(1, token_ids)
         return rows + ((columns.T @ self.lora_embedding_B.T) * self.scaling).to(rows.dtype)
 
+    def low_rank_factors(
+        self, hidden: torch.Tensor, output_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scaling * hidden @ B, A)``: the head's change is their product, tokens x vocabulary.
+
+        ``left`` comes flat, (tokens, r): one matrix product fewer per call.
+        """
+        left = hidden.reshape(-1, hidden.shape[-1]).to(output_dtype) @ self.lora_embedding_B.to(output_dtype)
+        if self.scaling != 1:
+            left = left * self.scaling
+        return left, self.lora_embedding_A.to(output_dtype)
+
     def project(
         self, hidden: torch.Tensor, output: torch.Tensor, base_layer: nn.Module, earlier: list[AdapterState]
     ) -> torch.Tensor:
-        # An additive update does not depend on what earlier adapters did to the weight.
-        dtype = output.dtype
-        low_rank = (hidden.to(dtype) @ self.lora_embedding_B.to(dtype)).reshape(-1, self.r)
-        factor = self.lora_embedding_A.to(dtype)
-        needs_grad = torch.is_grad_enabled() and (
-            output.requires_grad or low_rank.requires_grad or factor.requires_grad
-        )
-        if not needs_grad and output.is_contiguous():
-            # Adding in place spares a second tokens x vocabulary tensor at inference.
-            output.view(-1, output.shape[-1]).addmm_(low_rank, factor, alpha=self.scaling)
-            return output
-        flat = torch.addmm(output.reshape(-1, output.shape[-1]), low_rank, factor, alpha=self.scaling)
-        return flat.view(output.shape)
+        # An additive update does not depend on what earlier adapters did to the weight. The core
+        # calls low_rank_factors instead (one pass shared with neighbouring additive adapters);
+        # this is the same pass for one adapter, for a caller of project itself.
+        left, right = self.low_rank_factors(hidden, output.dtype)
+        return add_low_rank(output, [left], [right], output_writable(earlier))
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor) -> None:

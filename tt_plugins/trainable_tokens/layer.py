@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tt_core import AdapterState
-from tt_core.layer import embedding_scale
+from tt_core.layer import embedding_scale, output_writable, replace_columns
+from tt_core.training import held_rows, is_dtensor
 
 _STD_SAMPLE_ROWS = 4096
 
@@ -21,8 +22,13 @@ class TrainableTokensLayer(AdapterState):
     """
 
     additive = False
+    # The columns are written in place only when the core says the logits may be (else into a copy),
+    # and nothing saves them; the head rule is "replace the touched columns", so the core may fold it.
+    keeps_output_writable = True
+    head_replaces_rows = True
     token_indices: torch.Tensor
-    row_of_token: torch.Tensor
+    sorted_token_indices: torch.Tensor
+    sorted_row_of_token: torch.Tensor
     base_rows: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, token_indices: list[int], init_weights: bool = True) -> None:
@@ -30,10 +36,11 @@ class TrainableTokensLayer(AdapterState):
         device = weight.device
         indices = torch.tensor(token_indices, dtype=torch.long, device=device)
         self.register_buffer("token_indices", indices, persistent=False)
-        # Built once: the position of each token id in the rows, or -1.
-        row_of_token = torch.full((weight.shape[0],), -1, dtype=torch.long, device=device)
-        row_of_token[indices] = torch.arange(len(token_indices), device=device)
-        self.register_buffer("row_of_token", row_of_token, persistent=False)
+        # k-sized, never vocabulary-sized: the token ids sorted, and the row of each; an id is
+        # looked up with searchsorted (see row_of), so many adapters cost their rows only.
+        sorted_ids, row_of_sorted = torch.sort(indices)
+        self.register_buffer("sorted_token_indices", sorted_ids, persistent=False)
+        self.register_buffer("sorted_row_of_token", row_of_sorted, persistent=False)
         self.register_buffer("base_rows", None, persistent=False)  # set while merged
         with torch.no_grad():
             if init_weights:
@@ -46,8 +53,18 @@ class TrainableTokensLayer(AdapterState):
     def touched_rows(self) -> torch.Tensor:
         return self.token_indices
 
+    def row_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The position of each of ``token_ids`` in the rows, or -1: no host sync, no loop."""
+        sorted_ids = self.sorted_token_indices
+        if sorted_ids.numel() == 0:
+            return torch.full_like(token_ids, -1)
+        token_ids = token_ids.to(sorted_ids.dtype)
+        position = torch.searchsorted(sorted_ids, token_ids).clamp_(max=sorted_ids.numel() - 1)
+        found = sorted_ids[position] == token_ids
+        return torch.where(found, self.sorted_row_of_token[position], -1)
+
     def embed(self, input_ids: torch.Tensor, output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        local = self.row_of_token[input_ids]
+        local = self.row_of(input_ids)
         new = F.embedding(local.clamp(min=0), self.trainable_tokens_rows.to(output.dtype))
         scale = embedding_scale(base_layer)
         if scale is not None:
@@ -55,7 +72,7 @@ class TrainableTokensLayer(AdapterState):
         return torch.where((local >= 0).unsqueeze(-1), new, output)
 
     def adapt_rows(self, token_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        local = self.row_of_token[token_ids]
+        local = self.row_of(token_ids)
         new = F.embedding(local.clamp(min=0), self.trainable_tokens_rows.to(rows.dtype))
         return torch.where((local >= 0).unsqueeze(-1), new, rows)
 
@@ -66,18 +83,22 @@ class TrainableTokensLayer(AdapterState):
         weight: torch.Tensor = base_layer.weight  # type: ignore[assignment]
         bias_columns = None if bias is None else bias[self.token_indices]
         rows = self.trainable_tokens_rows
-        if not torch.is_grad_enabled() or not (rows.requires_grad or hidden.requires_grad):
-            columns = F.linear(hidden, rows.to(hidden.dtype), bias_columns)
-            return output.index_copy_(-1, self.token_indices, columns.to(output.dtype))
-        # The rows this adapter overwrites, as the adapters before it left them.
-        previous = weight[self.token_indices]
-        for state in earlier:
-            previous = state.adapt_rows(self.token_indices, previous)
-        return _ReplaceColumns.apply(output, hidden, rows, bias_columns, previous, self.token_indices)
+        previous = None
+        if torch.is_grad_enabled():
+            # The rows this adapter overwrites, as the adapters before it left them.
+            previous = weight[self.token_indices]
+            for state in earlier:
+                previous = state.adapt_rows(self.token_indices, previous)
+        return replace_columns(
+            output, hidden, rows, bias_columns, previous, self.token_indices, output_writable(earlier)
+        )
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor) -> None:
         """Write the rows into ``weight``, keeping the base rows for :meth:`unmerge_from`."""
+        if is_dtensor(weight) or is_dtensor(self.trainable_tokens_rows):
+            self._merge_sharded(weight)
+            return
         self.base_rows = weight[self.token_indices].clone()
         weight.index_copy_(0, self.token_indices, self.trainable_tokens_rows.to(weight.dtype))
 
@@ -85,54 +106,22 @@ class TrainableTokensLayer(AdapterState):
     def unmerge_from(self, weight: torch.Tensor) -> None:
         """Put the exact base rows back."""
         assert self.base_rows is not None
-        weight.index_copy_(0, self.token_indices, self.base_rows)
+        if is_dtensor(weight):
+            local, positions, _ = held_rows(weight, self.token_indices)
+            local.index_copy_(0, positions, self.base_rows)
+        else:
+            weight.index_copy_(0, self.token_indices, self.base_rows)
         self.base_rows = None
+
+    def _merge_sharded(self, weight: torch.Tensor) -> None:
+        # FSDP2: the weight (and the rows) are DTensors. Each rank writes the rows
+        # its shard holds into it; gathering the rows is a collective, so every
+        # rank merges, as every rank runs the model.
+        rows = self.trainable_tokens_rows
+        whole = rows.full_tensor() if is_dtensor(rows) else rows  # type: ignore[attr-defined]
+        local, positions, held = held_rows(weight, self.token_indices)
+        self.base_rows = local[positions].clone()
+        local.index_copy_(0, positions, whole[held].to(local.dtype))
 
     def extra_repr(self) -> str:
         return f"rows={tuple(self.trainable_tokens_rows.shape)}"
-
-
-class _ReplaceColumns(torch.autograd.Function):
-    """``output[..., idx] = hidden @ rows.T + bias[idx]`` in place, with a sparse backward.
-
-    Zeroing the k replaced columns of the incoming gradient would copy a
-    tokens x vocabulary tensor. Instead the gradient passes through whole and
-    the hidden-state gradient is corrected by ``g @ (rows - previous)``, where
-    ``previous`` are the rows the earlier computation used for those columns;
-    their own gradient gets ``-g.T @ hidden`` so earlier adapters see none.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        output: torch.Tensor,
-        hidden: torch.Tensor,
-        rows: torch.Tensor,
-        bias_columns: torch.Tensor | None,
-        previous: torch.Tensor,
-        token_indices: torch.Tensor,
-    ) -> torch.Tensor:
-        columns = F.linear(hidden, rows.to(hidden.dtype), bias_columns).to(output.dtype)
-        ctx.save_for_backward(hidden, rows, previous, token_indices)
-        ctx.mark_dirty(output)
-        return output.index_copy_(-1, token_indices, columns)
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        (grad,) = grads
-        hidden, rows, previous, token_indices = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad_columns = grad.index_select(-1, token_indices).to(hidden.dtype)
-        grad_hidden = grad_columns @ (rows - previous.to(rows.dtype)).to(hidden.dtype)
-        flat_grad = grad_columns.reshape(-1, grad_columns.shape[-1])
-        grad_rows = (flat_grad.T @ hidden.reshape(-1, hidden.shape[-1])).to(rows.dtype)
-        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        return (
-            grad,
-            grad_hidden if needs[1] else None,
-            grad_rows if needs[2] else None,
-            None,
-            -grad_rows.to(previous.dtype) if needs[4] else None,
-            None,
-        )

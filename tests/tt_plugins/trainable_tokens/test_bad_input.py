@@ -104,7 +104,7 @@ def test_dict_indices_that_disagree_on_a_tied_weight_are_refused():
 def test_unknown_and_existing_adapter_names():
     model = build("llama")
     adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=[3]))
-    before = copy.deepcopy(adapter_model.state_dict())
+    before = copy.deepcopy(adapter_model.model.state_dict())
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]; the model has \['default'\]"):
         adapter_model.set_adapter("nope")
     with pytest.raises(ValueError, match="unknown adapter"):
@@ -117,7 +117,7 @@ def test_unknown_and_existing_adapter_names():
     with pytest.raises(ValueError, match="'default' already exists"):
         adapter_model.add_adapter("default", TrainableTokensConfig(token_indices=[4]))
     assert adapter_model.active_adapters == ["default"]
-    assert all(torch.equal(v, adapter_model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, adapter_model.model.state_dict()[k]) for k, v in before.items())
 
 
 def test_a_failed_add_adapter_leaves_earlier_adapters_working():
