@@ -117,14 +117,20 @@ def test_lora_defaults_equal_peft_and_a_string_target_is_a_full_match_regex():
         LoraEmbeddingConfig(target_modules="embed[")
 
 
-def test_adapter_names_in_forward_or_generate_is_refused_not_swallowed():
+def test_adapter_names_in_forward_or_generate_serves_each_sample_and_checks_the_length():
     adapter_model = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5]))
     inputs = batch("llama", [5])
-    with pytest.raises(ValueError, match="adapter_names= .* is not supported yet"):
-        adapter_model(**inputs, adapter_names=["default", "default"])
-    with pytest.raises(ValueError, match="adapter_names= .* is not supported yet"):
-        adapter_model.generate(**inputs, adapter_names=["default", "default"], max_new_tokens=2)
-    out = adapter_model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    mixed = logits(adapter_model, {**inputs, "adapter_names": ["default", "__base__"]})
+    assert torch.allclose(mixed[0], logits(adapter_model, inputs)[0], atol=1e-5)
+    with adapter_model.disable_adapter():
+        assert torch.allclose(mixed[1], logits(adapter_model, inputs)[1], atol=1e-5)
+    with pytest.raises(ValueError, match="3 entries for a batch of 2"):
+        adapter_model(**inputs, adapter_names=["default", "default", "default"])
+    with pytest.raises(ValueError, match="3 entries for a batch of 2"):
+        adapter_model.generate(**inputs, adapter_names=["default"] * 3, max_new_tokens=2)
+    out = adapter_model.generate(
+        **inputs, adapter_names=["default", "__base__"], max_new_tokens=2, do_sample=False
+    )
     assert out.shape == (2, 12)
 
 

@@ -19,7 +19,7 @@ import torch
 import tqdm
 from torch import nn
 
-from tt_core import manifest, peft_format, serialization, status, storage, training
+from tt_core import manifest, peft_format, per_sample, serialization, status, storage, training
 from tt_core.config import AdapterConfig
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.plugins import get_plugin_manager
@@ -86,18 +86,8 @@ def _names(value: object, argument: str = "adapter_names") -> list[str]:
     raise TypeError(f"{argument} must be an adapter name or a list of adapter names, got {value!r}")
 
 
-def _refuse_per_sample(kwargs: dict[str, Any]) -> None:
-    if "adapter_names" in kwargs:
-        raise ValueError(
-            "adapter_names= (one adapter per sample, PEFT's mixed batch) is not supported yet: the model "
-            "would silently use the active stack for every sample. Run each group of samples with "
-            "set_adapter() instead."
-        )
-
-
 def _call_model(adapter_model: AdapterModel, *args: Any, **kwargs: Any) -> Any:
-    _refuse_per_sample(kwargs)
-    return adapter_model.model(*args, **kwargs)
+    return per_sample.call_with_adapter_names(adapter_model, adapter_model.model, args, kwargs)
 
 
 # transformers.Trainer looks for label columns in the *class's* forward (it has no instance
@@ -121,8 +111,7 @@ class _ForwardWithModelSignature:
             return _call_model
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            _refuse_per_sample(kwargs)
-            return obj.model(*args, **kwargs)
+            return per_sample.call_with_adapter_names(obj, obj.model, args, kwargs)
 
         return functools.wraps(obj.model.forward)(forward)
 
@@ -587,10 +576,14 @@ class AdapterModel(nn.Module):
         return status.model_status(self)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's ``generate``, with the active stack applied."""
-        _refuse_per_sample(kwargs)
+        """The model's ``generate``, with the active stack applied.
+
+        ``adapter_names=[...]`` (one entry per sample: a name, a list of names,
+        or ``"__base__"``) runs each sample with its own stack instead; see
+        :mod:`tt_core.per_sample`.
+        """
         generate: Any = self.model.generate
-        return generate(*args, **kwargs)
+        return per_sample.call_with_adapter_names(self, generate, args, kwargs)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
