@@ -179,3 +179,23 @@ def test_a_new_setup_adds_columns_without_changing_the_others(ttbench):
     assert found["Unmerged inference"][1][0][-2:] == ["1.5", "1.500"]
     head, rows = found["Checkpoint weight files"]
     assert head[-2:] == ["stack file bytes", "stack row copies"] and rows[0][-2:] == ["1124", "2"]
+
+
+def test_the_stack_setups_run_on_a_tiny_shape(ttbench, tmp_path, capsys):
+    """``--setups stacks``: trainable tokens and LoRA stacked, and PEFT's LoRA, beside the floor."""
+    cli, report = ttbench
+    out = tmp_path / "stacks.json"
+    argv = ["--shapes", SHAPES[0], "--setups", "stacks", "--repeats", "2", "--infer-seconds", "0.05"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (result,) = json.loads(out.read_text())["results"]
+    stacks = ["tt2", "lora", "lora2", "tt_lora", "lora_tt", "stack4", "peft_lora"]
+    assert list(result["setups"]) == ["floor", *stacks]
+    assert list(result["inference"]) == ["base", *stacks]
+    assert result["setups"]["stack4"]["without_tokens"] == "lora2"
+    for name in stacks:
+        entry = result["setups"][name]
+        assert entry["trainable_bytes"] > 0 and entry["memory_bytes"] > 0, name
+        assert len(entry["train"]["cpu_s"]) == 2, name
+        assert f"| {SHAPES[0]} | {name} |" in printed, name
+    assert "lora2: " in printed  # stack4 over the same stack less its tokens

@@ -16,7 +16,7 @@ import transformers
 
 from ttbench import report as reporting
 from ttbench.measure import bench_shape, quiet, rss_and_peak, rss_worker
-from ttbench.setups import REFERENCE, setup_names
+from ttbench.setups import REFERENCE, STACK_SETUPS, setup_names
 from ttbench.shapes import FULL_SHAPES, QUICK_SHAPES, Shape
 
 DESCRIPTION = (
@@ -25,8 +25,13 @@ DESCRIPTION = (
 DEFAULT_SETUPS = ["tt", "peft"]
 
 
+#: Names --setups expands to a group of setups.
+SETUP_GROUPS = {"stacks": STACK_SETUPS}
+
+
 def _setup_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
+    names = [member for name in names for member in SETUP_GROUPS.get(name, [name])]
     unknown = [name for name in names if name not in setup_names()]
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -49,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_setup_list,
         default=DEFAULT_SETUPS,
         help=f"comma-separated setups to compare with the floor, which always runs (default "
-        f"{','.join(DEFAULT_SETUPS)}; known: {', '.join(setup_names())})",
+        f"{','.join(DEFAULT_SETUPS)}; known: {', '.join(setup_names())}; 'stacks' means "
+        f"{','.join(STACK_SETUPS)})",
     )
     parser.add_argument(
         "--repeats", type=int, help="timed training rounds per shape, after a warm-up (default 3, quick 2)"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttbench.setups import REFERENCE, Setup, added_bytes, make_setup, train_step
+from ttbench.setups import REFERENCE, Setup, added_bytes, make_setup, train_step, trainable_bytes
 from ttbench.shapes import INFERENCE_TOKENS, Shape, build_base_model, make_input_ids
 
 # The script that --memory rss starts once per setup (with --rss-worker).
@@ -177,7 +177,12 @@ def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> di
     built = {name: make_setup(name, base, shape) for name in setups}
     result: dict[str, Any] = {"shape": shape.label, **dataclasses.asdict(shape), "setups": {}}
     for name, setup in built.items():
-        result["setups"][name] = {"added_bytes": added_bytes(setup, base)}
+        result["setups"][name] = {
+            "added_bytes": added_bytes(setup, base),
+            "trainable_bytes": trainable_bytes(setup),
+        }
+        if setup.without_tokens is not None:
+            result["setups"][name]["without_tokens"] = setup.without_tokens
 
     # Training. The first step of each setup is its warm-up and its memory
     # measurement (it creates the gradients and the optimizer state).

@@ -10,6 +10,7 @@ bytes and row copies when it saves one.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,76 @@ def _checkpoint_table(results: list[dict[str, Any]]) -> list[str]:
     return _table("Checkpoint weight files", head, rows)
 
 
+def _round_ratios(numerator: dict[str, Any], denominator: dict[str, Any], key: str = "wall_s") -> list[float]:
+    return [n / d for n, d in zip(numerator[key], denominator[key], strict=True)]
+
+
+def _fastest(numerator: dict[str, Any], denominator: dict[str, Any], key: str) -> str:
+    return _ratio(min(numerator[key]), min(denominator[key]))
+
+
+def _stack_table(results: list[dict[str, Any]]) -> list[str]:
+    """Each setup beyond floor/tt/peft against the floor, the setup less its tokens, and the base model.
+
+    Wall and process CPU time (one thread: CPU time leaves out the time the
+    process waited for a core, which on a shared machine is most of the noise).
+    """
+    rows = []
+    for r in results:
+        setups = r["setups"]
+        floor = setups["floor"]
+        for name, entry in setups.items():
+            if name in COMPARED:
+                continue
+            train, floor_train = entry["train"], floor["train"]
+            row = [r["shape"], name, _ratio(train["median_s"], floor_train["median_s"])]
+            row += [_fastest(train, floor_train, "wall_s")]
+            if "cpu_s" in train:
+                cpu = _round_ratios(train, floor_train, "cpu_s")
+                row += [f"{statistics.median(cpu):.3f}", _fastest(train, floor_train, "cpu_s")]
+            else:
+                row += ["-", "-"]
+            without = entry.get("without_tokens")
+            if without in setups and "cpu_s" in train:
+                pairs = _round_ratios(train, setups[without]["train"], "cpu_s")
+                fastest = _fastest(train, setups[without]["train"], "cpu_s")
+                row += [f"{without}: {statistics.median(pairs):.3f} / {fastest}"]
+            else:
+                row += ["-"]
+            extra = entry["memory_bytes"] - floor["memory_bytes"] - 4 * entry.get("trainable_bytes", 0)
+            row += [f"{100 * extra / floor['memory_bytes']:+.1f}%"]
+            inference = r.get("inference", {})
+            if name in inference:
+                timing, base = inference[name], inference["base"]
+                row += [_ratio(timing["median_s"], base["median_s"])]
+                row += [
+                    _ratio(timing["median_cpu_s"], base["median_cpu_s"]) if "median_cpu_s" in timing else "-"
+                ]
+            else:
+                row += ["-", "-"]
+            rows.append(row)
+    if not rows:
+        return []
+    head = [
+        "shape",
+        "setup",
+        "wall median",
+        "wall min/min",
+        "CPU per-round median",
+        "CPU min/min",
+        "CPU over the stack less its tokens (per-round median / min/min)",
+        "memory beyond floor + 4 x trainable",
+        "inference/base wall",
+        "inference/base CPU",
+    ]
+    title = (
+        "Stacks (train step over the floor, in wall and process CPU time; memory: beyond the floor's, less "
+        "the trainable parameters, their gradients and AdamW's two states, in % of the floor's; "
+        "inference: medians over the base model's)"
+    )
+    return _table(title, head, rows)
+
+
 def _profile_lines(results: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for r in results:
@@ -162,6 +233,7 @@ def report(results: list[dict[str, Any]]) -> str:
     lines += _memory_table(results)
     lines += _inference_table(results)
     lines += _checkpoint_table(results)
+    lines += _stack_table(results)
     lines += _profile_lines(results)
     return "\n".join(lines)
 

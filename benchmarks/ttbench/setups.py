@@ -39,6 +39,8 @@ class Setup:
     ``extra_inputs``: keyword arguments a call needs beside ``input_ids``, given
     the ids (e.g. one adapter name per sample); computed outside the timed calls
     for inference, per step for training.
+    ``without_tokens``: for a stack, the setup holding the same stack less its
+    trainable-tokens adapters (the stack table gives the ratio of the two).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Setup:
     optimizer: torch.optim.Optimizer | None = None
     infer: bool = False
     extra_inputs: Callable[[torch.Tensor], dict[str, Any]] | None = None
+    without_tokens: str | None = None  # the setup that is this one less its trainable tokens
 
     def __post_init__(self) -> None:
         if not self.trainable or not all(p.requires_grad for p in self.trainable):
@@ -126,6 +129,100 @@ def full_setup(model: nn.Module, shape: Shape) -> Setup:
     return Setup("full", model, [weight], None)
 
 
+# ------------------------------------------------------------------ stacks
+# Stacks of named adapters on one model: "tokens" are trainable tokens (the
+# shape's k ids), "lora" a LoRA of rank STACK_RANK on the embedding (and on a
+# head tied to it). A second adapter of a kind gets its own name; a second
+# tokens adapter takes k ids half of which the first one also holds.
+STACK_RANK = 8
+STACKS: dict[str, tuple[list[str], str | None]] = {
+    # name: (the stack, in order; the setup that is the same stack less its tokens)
+    "tt2": (["tokens", "tokens"], None),
+    "lora": (["lora"], None),
+    "lora2": (["lora", "lora"], None),
+    "tt_lora": (["tokens", "lora"], "lora"),
+    "lora_tt": (["lora", "tokens"], "lora"),
+    "stack4": (["tokens", "lora", "tokens", "lora"], "lora2"),
+}
+#: ``--setups stacks`` runs these (``peft_lora`` is PEFT's LoRA on the embedding with a tied head).
+STACK_SETUPS = [*STACKS, "peft_lora"]
+
+
+def second_token_indices(shape: Shape) -> list[int]:
+    """The ids of a second tokens adapter: k ids, the upper half of them shared with the first."""
+    half = shape.rows // 2
+    return list(range(shape.vocab - shape.rows - half, shape.vocab - half))
+
+
+def stack_setup(name: str, model: nn.Module, shape: Shape) -> Setup:
+    """The stack ``STACKS[name]`` built with tt_core, every adapter active and trained."""
+    from tt_core import AdapterModel
+    from tt_plugins.lora_embedding import LoraEmbeddingConfig
+    from tt_plugins.trainable_tokens import TrainableTokensConfig
+
+    kinds, without_tokens = STACKS[name]
+    adapter_model = AdapterModel(model)
+    names: list[str] = []
+    for kind in kinds:
+        seen = sum(1 for earlier in names if earlier.startswith(kind))
+        adapter_name = kind if seen == 0 else f"{kind}{seen + 1}"
+        if kind == "tokens":
+            ids = shape.token_indices if seen == 0 else second_token_indices(shape)
+            adapter_model.add_adapter(adapter_name, TrainableTokensConfig(token_indices=ids))
+        else:
+            adapter_model.add_adapter(
+                adapter_name, LoraEmbeddingConfig(r=STACK_RANK, lora_alpha=2 * STACK_RANK)
+            )
+        names.append(adapter_name)
+    adapter_model.set_adapter(names)
+    trainable = [p for p in adapter_model.parameters() if p.requires_grad]
+    return Setup(
+        name,
+        adapter_model,
+        trainable,
+        lambda path: adapter_model.save_pretrained(path),
+        infer=True,
+        without_tokens=without_tokens,
+    )
+
+
+def _register_stack(name: str) -> None:
+    register_setup(name)(lambda model, shape: stack_setup(name, model, shape))
+
+
+for _name in STACKS:
+    _register_stack(_name)
+
+
+@register_setup("peft_lora")
+def peft_lora_setup(model: nn.Module, shape: Shape) -> Setup:
+    """peft.LoraConfig(r=8) on the input embedding; ``ensure_weight_tying`` puts it on a tied head too.
+
+    What PEFT 0.21 can express of the stacks: it refuses trainable tokens on an
+    embedding that LoRA targets (``TypeError: trainable_token_indices cannot be
+    applied to modules of type lora.Embedding``), and a second LoRA added with
+    ``add_adapter`` is not tied onto the head.
+    """
+    import peft
+
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())  # type: ignore[operator]
+    config = peft.LoraConfig(
+        r=STACK_RANK,
+        lora_alpha=2 * STACK_RANK,
+        target_modules=[embedding.rsplit(".", 1)[-1]],
+        ensure_weight_tying=shape.tied,
+    )
+    peft_model = peft.get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    return Setup(
+        "peft_lora",
+        peft_model,
+        trainable,
+        lambda path: peft_model.save_pretrained(str(path)),
+        infer=True,
+    )
+
+
 def added_bytes(setup: Setup, base: nn.Module) -> int:
     """Bytes of the parameters and buffers a setup holds beyond the base model's."""
     base_pointers = {t.data_ptr() for t in [*base.parameters(), *base.buffers()]}
@@ -138,6 +235,13 @@ def added_bytes(setup: Setup, base: nn.Module) -> int:
         seen.add(pointer)
         total += tensor.numel() * tensor.element_size()
     return total
+
+
+def trainable_bytes(setup: Setup) -> int:
+    """Bytes of the trainable parameters (each storage once): their gradients take as many,
+    AdamW's state twice as many."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in setup.trainable}
+    return sum(storages.values())
 
 
 def train_step(setup: Setup, input_ids: torch.Tensor) -> None:
