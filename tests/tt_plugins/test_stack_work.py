@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from tt_core import AdapterLayer, AdapterModel, AdapterState
+from tt_core.testing import LargeAllocations
 from tt_plugins.lora_embedding import LoraEmbeddingConfig, LoraEmbeddingLayer
 from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
 
@@ -125,34 +125,8 @@ def _floor(family: Family) -> nn.Module:
 
 
 # ---------------------------------------------------------------- counting
-class TokensByVocab(TorchDispatchMode):
-    """Counts (op, shape) of each freshly allocated op output of at least ``threshold`` elements.
-
-    A view or an in-place result shares storage with an input and is not counted.
-    """
-
-    def __init__(self, threshold: int) -> None:
-        super().__init__()
-        self.threshold = threshold
-        self.found: Counter[tuple[str, tuple[int, ...]]] = Counter()
-        self.ops: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.add(str(func))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for tensor in tree_flatten(out)[0]:
-            if (
-                isinstance(tensor, torch.Tensor)
-                and tensor.numel() >= self.threshold
-                and tensor.untyped_storage().data_ptr() not in inputs
-            ):
-                self.found[(str(func), tuple(tensor.shape))] += 1
-        return out
+# tt_core.testing's detector: fresh op outputs of at least ``threshold`` elements.
+TokensByVocab = LargeAllocations
 
 
 def _allocations(family: Family, model: nn.Module) -> tuple[Counter, Counter]:
