@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import transformers
+from models import llama  # this script's own folder, tests/support, is on sys.path
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -41,17 +42,7 @@ STEPS, GLOBAL_BATCH, LENGTH = 3, 4, 8
 
 def base_model(tied: bool) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        pad_token_id=None,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return llama(tied, vocab=VOCAB, width=WIDTH, intermediate=64)
 
 
 def adapter_model(tied: bool) -> AdapterModel:

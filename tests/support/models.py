@@ -13,11 +13,11 @@ VOCAB = 128
 WIDTH = 16
 
 
-def llama(tied: bool = False, vocab: int = VOCAB, width: int = WIDTH) -> nn.Module:
+def llama(tied: bool = False, vocab: int = VOCAB, width: int = WIDTH, intermediate: int = 32) -> nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=width,
-        intermediate_size=32,
+        intermediate_size=intermediate,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
