@@ -181,3 +181,18 @@ def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
     )
+
+
+def assert_grads_like_reference(name: str, state: nn.Module, tensors: object) -> None:
+    """The gradients of one adapter's parameters equal those of its hand-folded reference leaves.
+
+    ``tensors`` are the leaves the reference fold used: the rows for trainable
+    tokens, ``(A, B)`` for LoRA on the embedding.
+    """
+    if hasattr(state, "trainable_tokens_rows"):
+        pairs = [(state.trainable_tokens_rows, tensors)]
+    else:
+        pairs = [(state.lora_embedding_A, tensors[0]), (state.lora_embedding_B, tensors[1])]
+    for parameter, leaf in pairs:
+        assert leaf.grad.abs().sum() > 0, f"{name}: the reference gives no gradient"
+        torch.testing.assert_close(parameter.grad, leaf.grad, atol=1e-6, rtol=1e-4)

@@ -5,7 +5,15 @@ import copy
 import pytest
 import torch
 import transformers
-from models import FAMILIES, adapter_state, batch, build, logits, reference_logits
+from models import (
+    FAMILIES,
+    adapter_state,
+    assert_grads_like_reference,
+    batch,
+    build,
+    logits,
+    reference_logits,
+)
 from torch import nn
 
 from tt_core import AdapterLayer, AdapterModel
@@ -122,14 +130,7 @@ def test_stack_outputs_and_gradients_equal_the_fold_in_both_orders(family):
 
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         for name, (_, tensors) in zip(order, leaves, strict=True):
-            state = adapter_state(adapter_model, family, name)
-            if isinstance(state, TrainableTokensLayer):
-                pairs = [(state.trainable_tokens_rows, tensors)]
-            else:
-                pairs = [(state.lora_embedding_A, tensors[0]), (state.lora_embedding_B, tensors[1])]
-            for parameter, leaf in pairs:
-                assert leaf.grad.abs().sum() > 0, f"{name}: the reference gives no gradient"
-                torch.testing.assert_close(parameter.grad, leaf.grad, atol=1e-6, rtol=1e-4)
+            assert_grads_like_reference(name, adapter_state(adapter_model, family, name), tensors)
         outputs.append(out.detach())
     assert (outputs[0] - outputs[1]).abs().max() > 1e-3, "the two orders must really differ"
 

@@ -267,13 +267,7 @@ def test_every_stack_computes_the_hand_folded_weight_outputs_and_gradients(famil
 
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for name, state, (_, tensors) in zip(names, states, leaves, strict=True):
-        if isinstance(state, TrainableTokensLayer):
-            pairs = [(state.trainable_tokens_rows, tensors)]
-        else:
-            pairs = [(state.lora_embedding_A, tensors[0]), (state.lora_embedding_B, tensors[1])]
-        for parameter, leaf in pairs:
-            assert leaf.grad.abs().sum() > 0, f"{name}: the reference gives no gradient"
-            torch.testing.assert_close(parameter.grad, leaf.grad, atol=1e-6, rtol=1e-4)
+        models.assert_grads_like_reference(name, state, tensors)
 
     # Inference gives the same logits (in place, no graph).
     with torch.no_grad():
