@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tt_core.folded import FoldedStack, stamp
+
 
 class AppliedAdapters(list):
     """The ``earlier`` argument of :meth:`AdapterState.project`: the adapters applied so far, in order.
@@ -60,6 +62,10 @@ class AdapterState(nn.Module):
       adapters, then one sparse replacement of the union of touched columns by
       those rows folded through the whole stack (:meth:`adapt_rows`), wherever
       in the stack they sit (see :class:`AdapterLayer`).
+    * :meth:`low_rank_weight`: an additive adapter's change of the weight as
+      two parameter-only factors. Without a gradient, in eval mode, a stack of
+      such adapters and row-replacing ones is folded once, embedding and head
+      alike, and reused until a weight changes (:mod:`tt_core.folded`).
     """
 
     #: True when the adapter adds to the weight (adds commute with each other);
@@ -79,7 +85,8 @@ class AdapterState(nn.Module):
     #: Opt-in. True promises that the adapter changes only the weight rows
     #: :meth:`touched_rows` returns (never ``None``), as :meth:`adapt_rows` says,
     #: so that :meth:`project` is the output with those columns replaced by
-    #: ``hidden @ adapt_rows(rows).T + bias[rows]``. The core may then compute
+    #: ``hidden @ adapt_rows(rows).T + bias[rows]`` and :meth:`embed` the output
+    #: with those rows replaced (times the embedding's scale). The core may then compute
     #: those columns itself, together with other adapters' (see the class
     #: docstring), instead of calling :meth:`project`. False (the default):
     #: :meth:`project` is always called.
@@ -135,6 +142,25 @@ class AdapterState(nn.Module):
         :meth:`project` instead.
         """
         return None
+
+    def low_rank_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Opt-in for calls without a gradient: the adapter's change of the weight as ``up @ down``.
+
+        ``up`` has shape ``(out_features, r)`` (the vocabulary for an embedding or
+        a tied head), ``down`` shape ``(r, width)``; both may be views of the
+        parameters and must depend on nothing but the adapter's parameters and
+        buffers. Without a gradient, in eval mode, the core then folds a stack of
+        such adapters and row-replacing ones once and reuses the result while
+        the weights stay unchanged (:mod:`tt_core.folded`). ``None`` (the
+        default): :meth:`embed` / :meth:`project` are called.
+        """
+        return None
+
+    def _can_fold(self) -> bool:
+        """Whether the core may fold this adapter's calls without a gradient: low-rank, or row-replacing."""
+        if self.additive:
+            return type(self).low_rank_weight is not AdapterState.low_rank_weight
+        return self.head_replaces_rows and self.touched_rows() is not None
 
     def merge_into(self, weight: torch.Tensor) -> None:
         """Fold this adapter into ``weight`` in place, keeping what :meth:`unmerge_from` needs.
@@ -349,10 +375,16 @@ class AdapterLayer(nn.Module):
 
     Either way the logits are written in place only where nothing saved them
     (:class:`AppliedAdapters`).
+
+    Without a gradient and in eval mode, a stack whose adapters all give
+    :meth:`AdapterState.low_rank_weight` or replace rows is instead folded once,
+    on the embedding too, and kept in :attr:`folded` until a weight changes
+    (:mod:`tt_core.folded`); ``train()``/``eval()`` drop it.
     """
 
-    #: Without a gradient the folded head runs only from this many logits on: a pass
-    #: over fewer (1 x 32 tokens x 32k: 1M) costs less than the small ops folding adds.
+    #: Without a gradient, where the stack is not kept folded (training mode, weights that
+    #: cannot be stamped), the folded head runs only from this many logits on: a pass over
+    #: fewer (1 x 32 tokens x 32k: 1M) costs less than the small ops folding adds.
     fold_min_elements_without_grad: ClassVar[int] = 1 << 22
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -363,6 +395,8 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         #: Set by tt_core.per_sample.serving for the length of an ``adapter_names=`` call.
         self.sample_plan: Any = None
+        #: The stack folded for calls without a gradient (tt_core/folded.py); dropped by train()/eval().
+        self.folded: FoldedStack | None = None
 
     @staticmethod
     def check_wrappable(name: str, base_layer: nn.Module) -> None:
@@ -375,7 +409,7 @@ class AdapterLayer(nn.Module):
 
     @property
     def is_embedding(self) -> bool:
-        return isinstance(self.base_layer, nn.Embedding)
+        return isinstance(self._modules["base_layer"], nn.Embedding)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         output = self.base_layer(x, *args, **kwargs)
@@ -390,11 +424,61 @@ class AdapterLayer(nn.Module):
                 states.append(state)
         if not states:
             return output
+        if not torch.is_grad_enabled() and not self.training:
+            folded = self._forward_folded(x, output, states)
+            if folded is not None:
+                return folded
         if self.is_embedding:
             for state in states:
                 output = state.embed(x, output, self.base_layer)
             return output
         return self._project(x, output, states)
+
+    def train(self, mode: bool = True) -> AdapterLayer:
+        self.folded = None
+        return super().train(mode)
+
+    def _forward_folded(
+        self, x: torch.Tensor, output: torch.Tensor, states: list[AdapterState]
+    ) -> torch.Tensor | None:
+        """The output of a call without a gradient through the stack folded once (tt_core/folded.py).
+
+        None where the stack cannot be folded: an adapter opts in to neither
+        low-rank factors nor row replacement, the output is a tensor subclass,
+        an embedding renormalises rows (``max_norm``), or the weights cannot be
+        stamped (see :func:`tt_core.folded.stamp`).
+        """
+        embedding = self.is_embedding
+        if type(output) is not torch.Tensor or not all(state._can_fold() for state in states):
+            return None
+        if embedding and getattr(self.base_layer, "max_norm", None) is not None:
+            return None
+        weights = stamp(self.base_layer, states)
+        if weights is None:
+            return None
+        key = (weights, output.dtype)
+        folded = self.folded
+        if folded is None or folded.key != key:
+            factors = [state.low_rank_weight() for state in states if state.additive]
+            if any(pair is None for pair in factors):
+                return None
+            folded = FoldedStack(key, self.base_layer, states, factors, output.dtype)  # type: ignore[arg-type]
+            self.folded = folded
+        if embedding:
+            return folded.embed(x, output, self._plain_forward())
+        output, _ = self._writable_base_output(output)
+        return folded.project(x, output)
+
+    def _plain_forward(self) -> bool:
+        """Whether the base module runs its class's own forward, no hooks: its output is a fresh tensor."""
+        base = self.base_layer
+        plain = nn.Linear.forward if isinstance(base, nn.Linear) else nn.Embedding.forward
+        return (
+            type(base).forward is plain
+            and "forward" not in vars(base)
+            and not base._forward_hooks
+            and not base._forward_pre_hooks
+        )
 
     def _project(
         self, hidden: torch.Tensor, output: torch.Tensor, states: list[AdapterState]
@@ -509,14 +593,8 @@ class AdapterLayer(nn.Module):
         backward, so the adapters get a non-view alias of the same memory
         (``_unsafe_view``, as ``torch.matmul`` itself returns).
         """
-        base = self.base_layer
-        if (
-            type(base).forward is not nn.Linear.forward
-            or "forward" in vars(base)
-            or base._forward_hooks
-            or base._forward_pre_hooks
-            or type(output) is not torch.Tensor  # a tensor subclass (DTensor...) may alias otherwise
-        ):
+        if not self._plain_forward() or type(output) is not torch.Tensor:
+            # Hooks or a subclass's forward could do anything; a tensor subclass (DTensor...) may alias.
             return output, False
         root = output._base
         if root is None:

@@ -357,6 +357,15 @@ class AdapterModel(nn.Module):
             for name in merged:
                 self._merge_one(name)
 
+    def clear_inference_cache(self) -> None:
+        """Forget every stack folded for calls without a gradient (see :mod:`tt_core.folded`).
+
+        Needed only after writing a weight through ``.data``, which no version
+        counter sees; any other change of a weight is noticed by itself.
+        """
+        for _, _, layer in self._wrappers():
+            layer.folded = None
+
     # --------------------------------------------------------------- merging
     def _check_merge_order(self, merge_order: list[str]) -> None:
         """Refuse a merge whose base-first order changes what the active stack computes.

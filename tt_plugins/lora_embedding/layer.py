@@ -79,6 +79,10 @@ class LoraEmbeddingLayer(AdapterState):
             left = left * self.scaling
         return left, self.lora_embedding_A.to(output_dtype)
 
+    def low_rank_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A.T, scaling * B.T)``: the update of the weight is their product, vocabulary x width."""
+        return self.lora_embedding_A.T, self.lora_embedding_B.T * self.scaling
+
     def project(
         self, hidden: torch.Tensor, output: torch.Tensor, base_layer: nn.Module, earlier: list[AdapterState]
     ) -> torch.Tensor:
