@@ -89,6 +89,7 @@ class FoldedStack:
         dtype: torch.dtype,
     ) -> None:
         self.key = key
+        self.dtype = dtype
         self.embedding = isinstance(base_layer, nn.Embedding)
         scale = getattr(base_layer, "embed_scale", None) if self.embedding else None
         if isinstance(scale, torch.Tensor):
@@ -148,4 +149,25 @@ class FoldedStack:
         if self.ids is not None and self.rows is not None:
             columns = F.linear(hidden, self.rows.to(hidden.dtype), self.bias)
             output.index_copy_(-1, self.ids, columns.to(output.dtype))
+        return output
+
+    def project_fused(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A plain linear head's logits with the base product accumulated into the low-rank change.
+
+        ``left @ up (+ bias)`` is made first; the base ``hidden @ weight.T`` is
+        then added by the same ``addmm_`` that would have made the logits, so
+        the logits are written once instead of written and then read and
+        written again. The replaced columns follow.
+        """
+        assert self.down is not None and self.up is not None
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        left = flat @ self.down
+        output = torch.mm(left, self.up) if bias is None else torch.addmm(bias.to(self.dtype), left, self.up)
+        output.addmm_(flat, weight.T)
+        output = output.view(*hidden.shape[:-1], output.shape[-1])
+        if self.ids is not None and self.rows is not None:
+            columns = F.linear(hidden, self.rows, self.bias)
+            output.index_copy_(-1, self.ids, columns)
         return output

@@ -412,22 +412,30 @@ class AdapterLayer(nn.Module):
         return isinstance(self._modules["base_layer"], nn.Embedding)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        output = self.base_layer(x, *args, **kwargs)
         if self.sample_plan is not None:  # adapter_names=: a stack per sample (tt_core/per_sample.py)
             from tt_core.per_sample import apply_plan
 
-            return apply_plan(self, self.sample_plan, x, output)
+            return apply_plan(self, self.sample_plan, x, self.base_layer(x, *args, **kwargs))
         states: list[AdapterState] = []
         for name in self.active_adapters:
             state: AdapterState = self.adapters[name]  # type: ignore[assignment]
             if not state.merged:
                 states.append(state)
         if not states:
-            return output
+            return self.base_layer(x, *args, **kwargs)
+        folded = None
         if not torch.is_grad_enabled() and not self.training:
-            folded = self._forward_folded(x, output, states)
-            if folded is not None:
-                return folded
+            folded = self._folded_stack(x, states)
+            if folded is not None and folded.up is not None and not args and not kwargs:
+                fused = self._fused_head(x, folded)
+                if fused is not None:
+                    return fused
+        output = self.base_layer(x, *args, **kwargs)
+        if folded is not None and type(output) is torch.Tensor and output.dtype == folded.dtype:
+            if self.is_embedding:
+                return folded.embed(x, output, self._plain_forward())
+            output, _ = self._writable_base_output(output)
+            return folded.project(x, output)
         if self.is_embedding:
             for state in states:
                 output = state.embed(x, output, self.base_layer)
@@ -438,36 +446,59 @@ class AdapterLayer(nn.Module):
         self.folded = None
         return super().train(mode)
 
-    def _forward_folded(
-        self, x: torch.Tensor, output: torch.Tensor, states: list[AdapterState]
-    ) -> torch.Tensor | None:
-        """The output of a call without a gradient through the stack folded once (tt_core/folded.py).
+    def _folded_stack(self, x: torch.Tensor, states: list[AdapterState]) -> FoldedStack | None:
+        """The stack folded for a call without a gradient (tt_core/folded.py), built if the weights changed.
 
-        None where the stack cannot be folded: an adapter opts in to neither
-        low-rank factors nor row replacement, the output is a tensor subclass,
-        an embedding renormalises rows (``max_norm``), or the weights cannot be
-        stamped (see :func:`tt_core.folded.stamp`).
+        None where it cannot be folded: an adapter opts in to neither a
+        low-rank weight nor row replacement, an embedding renormalises rows
+        (``max_norm``), or the weights cannot be stamped
+        (:func:`tt_core.folded.stamp`). Built in the dtype the output will
+        have (under autocast, a head's autocast dtype).
         """
-        embedding = self.is_embedding
-        if type(output) is not torch.Tensor or not all(state._can_fold() for state in states):
+        if not all(state._can_fold() for state in states):
             return None
-        if embedding and getattr(self.base_layer, "max_norm", None) is not None:
-            return None
-        weights = stamp(self.base_layer, states)
+        base = self.base_layer
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        if self.is_embedding:
+            if getattr(base, "max_norm", None) is not None:
+                return None
+            dtype = weight.dtype
+        elif torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = x.dtype
+        weights = stamp(base, states)
         if weights is None:
             return None
-        key = (weights, output.dtype)
+        key = (weights, dtype)
         folded = self.folded
         if folded is None or folded.key != key:
             factors = [state.low_rank_weight() for state in states if state.additive]
             if any(pair is None for pair in factors):
                 return None
-            folded = FoldedStack(key, self.base_layer, states, factors, output.dtype)  # type: ignore[arg-type]
+            folded = FoldedStack(key, base, states, factors, dtype)  # type: ignore[arg-type]
             self.folded = folded
-        if embedding:
-            return folded.embed(x, output, self._plain_forward())
-        output, _ = self._writable_base_output(output)
-        return folded.project(x, output)
+        return folded
+
+    def _fused_head(self, hidden: torch.Tensor, folded: FoldedStack) -> torch.Tensor | None:
+        """A plain ``nn.Linear`` head's folded output, the base product added into the low-rank change.
+
+        One ``addmm_`` instead of the base product and then a pass over the
+        logits (:meth:`FoldedStack.project_fused`). None where the base module
+        or the dtypes ask for its own forward.
+        """
+        base = self.base_layer
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        bias: torch.Tensor | None = base.bias  # type: ignore[assignment]
+        if (
+            not self._plain_forward()
+            or torch.is_autocast_enabled(hidden.device.type)
+            or hidden.dtype != weight.dtype
+            or folded.dtype != weight.dtype
+            or type(hidden) is not torch.Tensor
+        ):
+            return None
+        return folded.project_fused(hidden, weight, bias)
 
     def _plain_forward(self) -> bool:
         """Whether the base module runs its class's own forward, no hooks: its output is a fresh tensor."""

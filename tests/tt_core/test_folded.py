@@ -279,3 +279,16 @@ def test_a_stack_with_a_method_that_does_not_opt_in_runs_in_order():
     with torch.no_grad():
         torch.testing.assert_close(head(hidden), expected.detach(), atol=1e-6, rtol=1e-6)
     assert head.folded is None
+
+
+def test_under_autocast_the_fold_takes_the_autocast_dtype():
+    adapter_model = _stacked("llama_tied")
+    inputs = batch("llama_tied", TOKENS + TOKENS2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_order = logits(adapter_model, inputs).detach()  # with a gradient: adapter by adapter
+        with torch.no_grad():
+            folded = logits(adapter_model, inputs)
+    head = adapter_model.model.get_output_embeddings()
+    assert head.folded is not None and head.folded.dtype == torch.bfloat16
+    assert folded.dtype == in_order.dtype
+    torch.testing.assert_close(folded.float(), in_order.float(), atol=3e-2, rtol=3e-2)
