@@ -186,6 +186,7 @@ def test_the_stack_setups_run_on_a_tiny_shape(ttbench, tmp_path, capsys):
     cli, report = ttbench
     out = tmp_path / "stacks.json"
     argv = ["--shapes", SHAPES[0], "--setups", "stacks", "--repeats", "2", "--infer-seconds", "0.05"]
+    argv += ["--paired-seconds", "0.02"]
     assert cli.main([*argv, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     (result,) = json.loads(out.read_text())["results"]
@@ -199,3 +200,5 @@ def test_the_stack_setups_run_on_a_tiny_shape(ttbench, tmp_path, capsys):
         assert len(entry["train"]["cpu_s"]) == 2, name
         assert f"| {SHAPES[0]} | {name} |" in printed, name
     assert "lora2: " in printed  # stack4 over the same stack less its tokens
+    assert list(result["inference_paired"]) == stacks
+    assert all(len(entry["cpu_ratios"]) >= 5 for entry in result["inference_paired"].values())

@@ -163,11 +163,11 @@ class FoldedStack:
         """
         assert self.down is not None and self.up is not None
         flat = hidden.reshape(-1, hidden.shape[-1])
+        # The small products first, while their inputs are still in cache; the large one last.
+        columns = None if self.rows is None else F.linear(flat, self.rows, self.bias)
         left = flat @ self.down
         output = torch.mm(left, self.up) if bias is None else torch.addmm(bias.to(self.dtype), left, self.up)
         output.addmm_(flat, weight.T)
-        output = output.view(*hidden.shape[:-1], output.shape[-1])
-        if self.ids is not None and self.rows is not None:
-            columns = F.linear(hidden, self.rows, self.bias)
+        if columns is not None and self.ids is not None:
             output.index_copy_(-1, self.ids, columns)
-        return output
+        return output.view(*hidden.shape[:-1], output.shape[-1])

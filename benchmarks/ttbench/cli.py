@@ -66,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="time given to inference rounds per shape (default 6, quick 4)",
     )
     parser.add_argument(
+        "--paired-seconds",
+        type=float,
+        default=0.0,
+        help="also time each inferring setup back to back with the base model for this long, and "
+        "report the median of the per-pair ratios (default 0: off)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,

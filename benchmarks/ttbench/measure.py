@@ -71,6 +71,24 @@ def alternate(
     }
 
 
+def paired(reference: Callable[[], Any], job: Callable[[], Any], pairs: int) -> dict[str, Any]:
+    """``job`` against ``reference`` timed back to back, ``pairs`` times (which goes first alternates).
+
+    The ratio of each pair's CPU times shares one moment of a noisy machine
+    (a neighbour's burst, a slower memory phase), which a round over every
+    setup does not: on a shared VM a base call's time moved by 4x between
+    rounds while the per-pair ratio stayed within a few percent.
+    """
+    ratios: list[float] = []
+    for index in range(pairs):
+        if index % 2:
+            job_cpu, reference_cpu = timed(job)[1], timed(reference)[1]
+        else:
+            reference_cpu, job_cpu = timed(reference)[1], timed(job)[1]
+        ratios.append(job_cpu / max(reference_cpu, 1e-9))
+    return {"cpu_ratios": ratios, "median_cpu_ratio": statistics.median(ratios)}
+
+
 # ------------------------------------------------------- memory and profiling
 def profiled_peak_bytes(function: Callable[[], Any]) -> int:
     """Peak, over the call, of torch's live CPU allocations above those live before it.
@@ -168,7 +186,8 @@ def quiet() -> Iterator[None]:
 def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement of one shape for the named setups (``floor`` among them: the reference).
 
-    ``args`` gives ``repeats``, ``infer_seconds``, ``profile``, ``memory`` and ``threads``.
+    ``args`` gives ``repeats``, ``infer_seconds``, ``paired_seconds``, ``profile``, ``memory`` and
+    ``threads``.
     """
     started = time.perf_counter()
     base = build_base_model(shape)
@@ -208,6 +227,16 @@ def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> di
         round_s = sum(timing["median_s"] for timing in warm_up.values())
         rounds = max(5, min(200, int(args.infer_seconds / max(round_s, 1e-6))))
         result["inference"] = alternate(infer_jobs.calls, rounds)
+        if args.paired_seconds:
+            # Each setup back to back with the base model, for as many pairs as fit (5 to 400).
+            result["inference_paired"] = {}
+            base_s = result["inference"]["base"]["median_s"]
+            for name, call in infer_jobs.calls.items():
+                if name == "base":
+                    continue
+                pair_s = base_s + result["inference"][name]["median_s"]
+                pairs = max(5, min(400, int(args.paired_seconds / max(pair_s, 1e-6))))
+                result["inference_paired"][name] = paired(infer_jobs.calls["base"], call, pairs)
 
     # Checkpoints.
     for name, setup in built.items():

@@ -185,6 +185,8 @@ def _stack_table(results: list[dict[str, Any]]) -> list[str]:
                 ]
             else:
                 row += ["-", "-"]
+            paired = r.get("inference_paired", {}).get(name)
+            row += [f"{paired['median_cpu_ratio']:.3f} ({len(paired['cpu_ratios'])})" if paired else "-"]
             rows.append(row)
     if not rows:
         return []
@@ -199,11 +201,12 @@ def _stack_table(results: list[dict[str, Any]]) -> list[str]:
         "memory beyond floor + 4 x trainable",
         "inference/base wall",
         "inference/base CPU",
+        "inference/base CPU, paired (pairs)",
     ]
     title = (
         "Stacks (train step over the floor, in wall and process CPU time; memory: beyond the floor's, less "
         "the trainable parameters, their gradients and AdamW's two states, in % of the floor's; "
-        "inference: medians over the base model's)"
+        "inference: medians over the base model's; paired: median of back-to-back ratios, --paired-seconds)"
     )
     return _table(title, head, rows)
 
