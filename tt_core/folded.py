@@ -90,8 +90,8 @@ class FoldedStack:
     ) -> None:
         self.key = key
         self.dtype = dtype
-        self.embedding = isinstance(base_layer, nn.Embedding)
-        scale = getattr(base_layer, "embed_scale", None) if self.embedding else None
+        embedding = isinstance(base_layer, nn.Embedding)
+        scale = getattr(base_layer, "embed_scale", None) if embedding else None
         if isinstance(scale, torch.Tensor):
             scale = scale.to(dtype)
         self.down = self.up = self.table = self.right = None
@@ -100,7 +100,7 @@ class FoldedStack:
             if factors:
                 ups = [up.to(dtype) for up, _ in factors]
                 downs = [down.to(dtype) for _, down in factors]
-                if self.embedding:
+                if embedding:
                     self.table = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
                     right = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
                     self.right = right if scale is None else right * scale

@@ -510,14 +510,19 @@ def check_bad_configs(
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records the name of every aten op run inside it."""
+    """Records the name of every aten op run inside it (``ops``), and with it the element count
+    of the op's first argument when that is a tensor, else -1 (``calls``): an in-place op's
+    count is the size of the tensor it writes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.calls: list[tuple[str, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
         self.ops.append(str(func))
+        self.calls.append((str(func), -1 if first is None else first.numel()))
         return func(*args, **(kwargs or {}))
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from models import FAMILIES, adapter_state, batch, build, logits, reference_logits
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tt_core import AdapterLayer, AdapterModel, AdapterState
+from tt_core.testing import OpRecorder
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
 
@@ -78,19 +78,6 @@ def test_a_folded_stack_gives_the_hand_folded_weights_outputs(family):
     torch.testing.assert_close(logits(adapter_model, inputs).detach(), first, atol=1e-5, rtol=1e-5)
 
 
-class _Ops(TorchDispatchMode):
-    """Counts the aten ops run, by name and the element count of their first argument."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[tuple[str, int]] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        self.ops[str(func), -1 if first is None else first.numel()] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_fold_is_built_once_then_each_call_makes_one_low_rank_pass(monkeypatch):
     adapter_model = _stacked("llama_tied")
     inputs = batch("llama_tied", TOKENS)
@@ -106,13 +93,14 @@ def test_the_fold_is_built_once_then_each_call_makes_one_low_rank_pass(monkeypat
     with torch.no_grad():
         logits(adapter_model, inputs)
         assert sum(folds.values()) == 2 * len(STACK)  # once per module: the embedding and the tied head
-        with _Ops() as ops:
+        with OpRecorder() as recorder:
             logits(adapter_model, inputs)
+    calls = Counter(recorder.calls)
     assert sum(folds.values()) == 2 * len(STACK), "the second call folded the rows again"
     logit_count = inputs["input_ids"].numel() * models.VOCAB
     # Both LoRAs in one pass over the logits; every replaced column written once.
-    assert ops.ops["aten.addmm_.default", logit_count] == 1, ops.ops
-    assert ops.ops["aten.index_copy_.default", logit_count] == 1, ops.ops
+    assert calls["aten.addmm_.default", logit_count] == 1, calls
+    assert calls["aten.index_copy_.default", logit_count] == 1, calls
 
 
 def _rows(adapter_model: AdapterModel, name: str = "tokens") -> nn.Parameter:

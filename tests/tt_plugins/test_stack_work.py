@@ -26,10 +26,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tt_core import AdapterLayer, AdapterModel, AdapterState
-from tt_core.testing import LargeAllocations
+from tt_core.testing import LargeAllocations, OpRecorder
 from tt_plugins.lora_embedding import LoraEmbeddingConfig, LoraEmbeddingLayer
 from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
 
@@ -425,22 +424,12 @@ def test_consecutive_low_rank_adapters_share_one_pass_and_others_keep_their_proj
     layer = _head_layer(bias, stack)
     _check_against_by_hand(layer)
 
-    with _Ops() as seen:
+    with OpRecorder() as seen:
         layer(torch.randn(3, 5, 16, requires_grad=True))
     # lora+lora2 in one pass, lora3 and lora4 each in theirs; never an out-of-place addmm
     assert seen.ops.count("aten.addmm_.default") == 3, seen.ops
     assert "aten.addmm.default" not in seen.ops or bias  # a biased head's own F.linear is an addmm
     assert seen.ops.count("aten.clone.default") == 1  # after _AddsRows, which promised nothing
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("opted_in", [True, False])
@@ -464,11 +453,11 @@ def test_low_rank_and_row_adapters_in_any_order_take_one_pass_each(bias, opted_i
     hidden = torch.randn(2, 3, 16)
     for fold_from in (AdapterLayer.fold_min_elements_without_grad, 0):  # inference: in order, then folded
         monkeypatch.setattr(AdapterLayer, "fold_min_elements_without_grad", fold_from)
-        with torch.no_grad(), _Ops() as seen:
+        with torch.no_grad(), OpRecorder() as seen:
             torch.testing.assert_close(layer(hidden), _by_hand(layer, hidden), atol=1e-5, rtol=1e-5)
         passes = seen.ops.count("aten.addmm_.default")
         assert passes == (1 if opted_in and fold_from == 0 else 2), seen.ops
-    with _Ops() as seen:
+    with OpRecorder() as seen:
         layer(torch.randn(3, 5, 16, requires_grad=True)).sum().backward()
     passes = seen.ops.count("aten.addmm_.default")
     writes = seen.ops.count("aten.index_copy_.default") + seen.ops.count("aten.index_copy.default")
