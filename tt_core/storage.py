@@ -35,16 +35,13 @@ from typing import Any
 import filelock
 
 from tt_core import manifest
+from tt_core.errors import MissingFiles
 from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, FILENAME, Manifest
 
 LOCK_FILE = ".tt.lock"
 TEMPORARY_PREFIX = ".tt-tmp-"
 SNAPSHOT = re.compile(r"[0-9a-f]{16}")
 _READ_ATTEMPTS = 20
-
-
-class MissingFiles(ValueError):
-    """A file or folder the manifest names is gone (perhaps removed by a writer just now)."""
 
 
 @dataclasses.dataclass
