@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 from models import batch, build, logits
+from numerics import assert_same_math
 
 from tt_core import AdapterModel, get_adapter_model
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
@@ -55,7 +56,7 @@ def test_merge_and_unload_takes_peft_positional_arguments():
         expected = logits(adapter_model, inputs)
     merged = adapter_model.merge_and_unload(True, True, ["default"])  # progressbar, safe_merge, adapter_names
     with torch.no_grad():
-        torch.testing.assert_close(logits(merged, inputs), expected, atol=1e-6, rtol=0)
+        assert_same_math(logits(merged, inputs), expected)
 
 
 def test_active_adapter_peft_config_and_status_answer_like_peft():

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from models import VOCAB, batch, build, logits, word_tokenizer
+from numerics import assert_same_math
 
 from tt_core import get_adapter_model
 from tt_core.cli import main
@@ -223,7 +224,7 @@ def test_merge_saves_a_plain_model_with_the_adapter_folded_in(capsys, tmp_path, 
     assert not any("adapter" in key for key in merged.state_dict())
     with torch.no_grad():
         got = logits(merged, inputs)
-    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    assert_same_math(got, expected)
     with torch.no_grad():
         plain = logits(build("llama_tied"), inputs)
     assert not torch.allclose(plain, expected)  # the adapter really changed something
@@ -258,7 +259,7 @@ def test_merge_adds_the_recorded_tokens_to_the_saved_tokenizer(capsys, tmp_path,
     assert merged.get_input_embeddings().weight.shape[0] == VOCAB + 1 == merged.config.vocab_size
     inputs = batch("llama_tied", [new_id, 5])
     with torch.no_grad():
-        assert torch.allclose(logits(merged, inputs), logits(adapter_model, inputs), atol=1e-6, rtol=0)
+        assert_same_math(logits(merged, inputs), logits(adapter_model, inputs))
 
 
 @pytest.mark.parametrize(

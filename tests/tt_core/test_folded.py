@@ -14,6 +14,7 @@ import models
 import pytest
 import torch
 from models import FAMILIES, adapter_state, batch, build, logits, reference_logits
+from numerics import assert_same_math
 from torch import nn
 
 from tt_core import AdapterLayer, AdapterModel, AdapterState
@@ -265,7 +266,7 @@ def test_a_stack_with_a_method_that_does_not_opt_in_runs_in_order():
     weight = head.base_layer.weight.detach().index_copy(0, tokens.token_indices, tokens.trainable_tokens_rows)
     expected = (hidden @ weight.T + head.base_layer.bias) * scale.scale
     with torch.no_grad():
-        torch.testing.assert_close(head(hidden), expected.detach(), atol=1e-6, rtol=1e-6)
+        assert_same_math(head(hidden), expected.detach(), terms=8)
     assert head.folded is None
 
 

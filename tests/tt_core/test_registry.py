@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import VOCAB, batch, build, logits, word_tokenizer
+from numerics import assert_same_math
 
 from tt_core import AdapterLayer, AdapterModel, get_adapter_model
 from tt_core.registry import Registry
@@ -194,7 +195,7 @@ def test_loading_several_specs_stacks_them_in_order(registry):
         assert loaded.adapters == order and loaded.active_adapters == order
         assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
         by_hand.set_adapter(order)
-        torch.testing.assert_close(logits(loaded, inputs), logits(by_hand, inputs), rtol=0, atol=1e-6)
+        assert_same_math(logits(loaded, inputs), logits(by_hand, inputs))
     a_b = logits(registry.load(build(FAMILY), ["a", "b"]), inputs)
     b_a = logits(registry.load(build(FAMILY), ["b", "a"]), inputs)
     assert not torch.allclose(a_b, b_a)  # the order really matters here
@@ -224,7 +225,7 @@ def test_loading_into_a_model_adds_the_adapters_inactive(registry):
     torch.testing.assert_close(logits(existing, inputs), before, rtol=0, atol=0)
     existing.set_adapter(["b", "a"])
     by_hand.set_adapter(["b", "a"])
-    torch.testing.assert_close(logits(existing, inputs), logits(by_hand, inputs), rtol=0, atol=1e-6)
+    assert_same_math(logits(existing, inputs), logits(by_hand, inputs))
 
 
 def _assert_load_fails_cleanly(registry, specs, match):
@@ -359,12 +360,12 @@ def test_load_adds_the_published_tokens_at_their_ids_and_resizes_the_model(regis
     text = "w3 <drug> w7 <dose> w9"
     inputs = {"input_ids": tokenizer(text, return_tensors="pt")["input_ids"]}
     assert set(ids) <= set(inputs["input_ids"][0].tolist())
-    torch.testing.assert_close(logits(loaded, inputs), logits(trained_model, inputs), rtol=0, atol=1e-6)
+    assert_same_math(logits(loaded, inputs), logits(trained_model, inputs))
 
     # A tokenizer that has the tokens already, at the same ids, is left as it is.
     again = registry.load(build(FAMILY), "terms", tokenizer=tokenizer)
     assert len(tokenizer) == VOCAB + 2
-    torch.testing.assert_close(logits(again, inputs), logits(trained_model, inputs), rtol=0, atol=1e-6)
+    assert_same_math(logits(again, inputs), logits(trained_model, inputs))
 
 
 def _assert_refused_unchanged(registry, specs, tokenizer, match):
