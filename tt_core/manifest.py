@@ -22,6 +22,8 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from tt_core.errors import SavedFolderError
+
 FILENAME = "manifest.json"
 ADAPTER_MANIFEST = "adapter_manifest.json"
 CONFIG_FILE = "adapter_config.json"
@@ -53,8 +55,8 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fault(path: Path, message: str, fix: str = "save the adapters again") -> ValueError:
-    return ValueError(f"{path}: {message}; {fix}")
+def _fault(path: Path, message: str, fix: str = "save the adapters again") -> SavedFolderError:
+    return SavedFolderError(f"{path}: {message}; {fix}")
 
 
 def load_json_object(path: Path, data: bytes) -> dict[str, Any]:
@@ -143,7 +145,7 @@ def read(root: Path) -> Manifest:
     try:
         return parse(path, path.read_bytes())
     except FileNotFoundError:
-        raise ValueError(f"{path} does not exist; pass a folder written by save_pretrained()") from None
+        raise SavedFolderError(f"{path} does not exist; pass a folder written by save_pretrained()") from None
 
 
 def exists(root: Path) -> bool:
@@ -161,11 +163,11 @@ def read_files(
     """
     if folder.is_symlink() or not folder.is_dir():
         what = "a symbolic link" if folder.is_symlink() else "missing"
-        raise ValueError(f"{folder} (listed in {listed_in}) is {what}; save the adapter again")
+        raise SavedFolderError(f"{folder} (listed in {listed_in}) is {what}; save the adapter again")
     present = set()
     for child in folder.iterdir():
         if child.is_symlink() or not child.is_file():
-            raise ValueError(
+            raise SavedFolderError(
                 f"{child} is {'a symbolic link' if child.is_symlink() else 'not a plain file'}; an adapter "
                 "folder holds plain files only. Remove it, or save the adapter again."
             )
@@ -173,7 +175,7 @@ def read_files(
     listed = set(entry["files"])
     if present - extra != listed:
         unlisted, missing = sorted(present - extra - listed), sorted(listed - present)
-        raise ValueError(
+        raise SavedFolderError(
             f"{folder} does not hold the files {listed_in} lists (not listed: {unlisted}, missing: "
             f"{missing}); remove stray files, or save the adapter again"
         )
@@ -181,7 +183,7 @@ def read_files(
     for filename, expected in entry["files"].items():
         data = (folder / filename).read_bytes()
         if sha256(data) != expected:
-            raise ValueError(
+            raise SavedFolderError(
                 f"{folder / filename} does not match the hash in {listed_in}: the file was changed or "
                 "damaged after saving. Save the adapter again."
             )
@@ -193,7 +195,7 @@ def inside(root: Path, relative: str) -> Path:
     """``root / relative``, refusing anything that resolves outside ``root`` (a symlink, say)."""
     folder = root / relative
     if root.resolve() not in folder.resolve().parents:
-        raise ValueError(
+        raise SavedFolderError(
             f"{root / FILENAME} points outside its folder ({relative!r}); save the adapters again"
         )
     return folder

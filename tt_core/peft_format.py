@@ -38,6 +38,7 @@ from torch import nn
 
 from tt_core import manifest, serialization, storage
 from tt_core.config import AdapterConfig
+from tt_core.errors import AdapterStateError, ConfigError, PluginError, SavedFolderError
 from tt_core.manifest import CONFIG_FILE, WEIGHTS_FILE
 from tt_core.plugins import PluginManager, get_plugin_manager
 from tt_core.targets import named_base_modules
@@ -104,7 +105,7 @@ def check_options(
         reason = (reasons or {}).get(
             key, "tt-adapters does not know this option, so it cannot tell what it does"
         )
-        raise ValueError(f"{where}: PEFT option {key}={value!r} cannot be applied: {reason}")
+        raise SavedFolderError(f"{where}: PEFT option {key}={value!r} cannot be applied: {reason}")
 
 
 # ------------------------------------------------------------------- detection
@@ -129,7 +130,7 @@ def _candidates(root: Path) -> dict[str, Path]:
         for child in sorted(root.iterdir()):
             if child.is_dir() and not (child / _CHECKPOINT_MARKER).exists() and _peft_config_file(child):
                 if child.name in found:
-                    raise ValueError(
+                    raise SavedFolderError(
                         f"{root} holds a PEFT adapter in the folder itself and one in {child}; both would be "
                         f"called {child.name!r}. Move one of them."
                     )
@@ -172,19 +173,19 @@ def _export(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dic
             model=adapter_model.model, config=copy.deepcopy(record.config), sites=sites
         )
     except ValueError as error:
-        raise ValueError(
+        raise AdapterStateError(
             f"adapter {name!r} cannot be saved in PEFT's format: {error}. Nothing was written."
         ) from None
     if result is None:
-        raise ValueError(
+        raise AdapterStateError(
             f"adapter {name!r} uses method {method.name!r}, whose plugin {method.plugin!r} has no PEFT "
             "form for it (no peft_export hook); save it with format='tt'. Nothing was written."
         )
     peft_config, tensors = result
     if not isinstance(peft_config, dict) or not isinstance(peft_config.get("peft_type"), str):
-        raise TypeError(f"the peft_export hook of {method.plugin!r} returned a config without a peft_type")
+        raise PluginError(f"the peft_export hook of {method.plugin!r} returned a config without a peft_type")
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise TypeError(f"the peft_export hook of {method.plugin!r} must return tensors by key")
+        raise PluginError(f"the peft_export hook of {method.plugin!r} must return tensors by key")
     base_name = getattr(adapter_model.model, "name_or_path", None) or None
     config = {
         "task_type": None,
@@ -203,7 +204,7 @@ def _check_stack(adapter_model: AdapterModel, names: list[str], configs: dict[st
         return
     kinds = {name: configs[name]["peft_type"] for name in stack}
     if len(set(kinds.values())) > 1:
-        raise ValueError(
+        raise AdapterStateError(
             f"the active stack {stack} mixes PEFT adapter types {kinds}; a PEFT model holds adapters of one "
             "type only, so PEFT cannot apply this stack. Activate adapters of one type (set_adapter), or "
             "save each in its own call with selected_adapters=[...]. Nothing was written."
@@ -216,7 +217,9 @@ def _check_stack(adapter_model: AdapterModel, names: list[str], configs: dict[st
                     if site_a.weight(model) is site_b.weight(model) and not site_a.state.commutes_with(
                         site_b.state
                     ):
-                        raise ValueError(_ORDER_MATTERS.format(stack, first, second, site_a.modules[0]))
+                        raise AdapterStateError(
+                            _ORDER_MATTERS.format(stack, first, second, site_a.modules[0])
+                        )
 
 
 _ORDER_MATTERS = (
@@ -244,7 +247,7 @@ def save(adapter_model: AdapterModel, directory: str | os.PathLike[str], names: 
     """
     root = Path(directory)
     if manifest.exists(root):
-        raise ValueError(
+        raise ConfigError(
             f"{root} holds a tt-adapters save (manifest.json); a PEFT save beside it would make the folder "
             "ambiguous. Save in PEFT's format into another folder. Nothing was written."
         )
@@ -254,7 +257,7 @@ def save(adapter_model: AdapterModel, directory: str | os.PathLike[str], names: 
     for name, (config, tensors) in exported.items():
         folder = root if name == DEFAULT_ADAPTER else root / name
         if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{folder} exists and is not a folder; move it away. Nothing was written.")
+            raise ConfigError(f"{folder} exists and is not a folder; move it away. Nothing was written.")
         weights = {
             KEY_PREFIX + key: tensor.detach().to("cpu").clone().contiguous()
             for key, tensor in tensors.items()
@@ -275,25 +278,27 @@ def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config_path = folder / CONFIG_FILE
     config = manifest.load_json_object(config_path, config_path.read_bytes())
     if not isinstance(config.get("peft_type"), str):
-        raise ValueError(
+        raise SavedFolderError(
             f"{config_path}: key 'peft_type' is {config.get('peft_type')!r}; it must name a PEFT type"
         )
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         if (folder / _LEGACY_WEIGHTS).is_file():
-            raise ValueError(
+            raise SavedFolderError(
                 f"{folder} holds {_LEGACY_WEIGHTS}, a pickle, which tt-adapters never loads (it can run "
                 "code); save the adapter again with PEFT's save_pretrained(safe_serialization=True)"
             )
-        raise ValueError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}; save the PEFT adapter again")
+        raise SavedFolderError(
+            f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}; save the PEFT adapter again"
+        )
     try:
         raw = safetensors.torch.load(weights_path.read_bytes())
     except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{weights_path} is not a valid safetensors file ({error})") from None
+        raise SavedFolderError(f"{weights_path} is not a valid safetensors file ({error})") from None
     tensors = {}
     for key, tensor in raw.items():
         if not key.startswith(KEY_PREFIX):
-            raise ValueError(
+            raise SavedFolderError(
                 f"{weights_path} holds {key!r}, which does not start with {KEY_PREFIX!r}: it is not an "
                 "adapter PEFT saved for a model's modules (prompt-learning methods cannot be applied here)"
             )
@@ -316,7 +321,7 @@ def _split_tokens(
             rows[f"{match['module']}.trainable_tokens_delta"] = tensor
     modules = [key.rsplit(".", 1)[0] for key in rows]
     if not modules:
-        raise ValueError(
+        raise SavedFolderError(
             f"{where}: trainable_token_indices is {indices!r}, but the folder holds no token rows"
         )
     token_indices: Any
@@ -325,7 +330,7 @@ def _split_tokens(
         for module in modules:
             given = [ids for name, ids in indices.items() if module == name or module.endswith("." + name)]
             if len(given) != 1:
-                raise ValueError(
+                raise SavedFolderError(
                     f"{where}: the folder holds token rows for {module}, which trainable_token_indices "
                     f"({sorted(indices)}) names {len(given)} times; it must name it once"
                 )
@@ -346,9 +351,11 @@ def _check_base_copies(copies: dict[str, torch.Tensor], model: nn.Module, where:
     for name, saved in copies.items():
         weight = getattr(modules.get(name), "weight", None)
         if not isinstance(weight, torch.Tensor):
-            raise ValueError(f"{where} holds a copy of {name}.weight, but this model has no module {name!r}")
+            raise SavedFolderError(
+                f"{where} holds a copy of {name}.weight, but this model has no module {name!r}"
+            )
         if tuple(weight.shape) != tuple(saved.shape):
-            raise ValueError(
+            raise SavedFolderError(
                 f"{where} was saved for {name}.weight of shape {tuple(saved.shape)}, but this model's is "
                 f"{tuple(weight.shape)}. Load it onto the base model it was trained with "
                 "(resize_token_embeddings to its tokenizer first)."
@@ -359,7 +366,7 @@ def _check_base_copies(copies: dict[str, torch.Tensor], model: nn.Module, where:
                 "differs from this model's, and PEFT would load that copy into the model"
             )
             if strict:
-                raise ValueError(
+                raise SavedFolderError(
                     f"{problem}; tt-adapters never changes base weights. Load it onto that base model "
                     "(unmerged), or pass strict=False to load the adapter anyway."
                 )
@@ -402,7 +409,7 @@ def _convert(
     config, tensors = _read_peft(folder)
     modules_to_save = config.get("modules_to_save")
     if not _unset(modules_to_save) or any(".modules_to_save." in key for key in tensors):
-        raise ValueError(
+        raise SavedFolderError(
             f"{where}: modules_to_save={modules_to_save!r} trains whole copies of modules, which tt-adapters "
             "cannot apply (it adapts token embeddings only). Nothing was loaded."
         )
@@ -425,15 +432,15 @@ def _convert(
                 peft_config=dict(part_config), tensors=dict(part_tensors), model=model
             )
         except ValueError as error:
-            raise ValueError(f"{where}: {error}. Nothing was loaded.") from None
+            raise SavedFolderError(f"{where}: {error}. Nothing was loaded.") from None
         if result is None:
-            raise ValueError(
+            raise SavedFolderError(
                 f"{where}: no installed tt plugin reads PEFT adapters of type {part_config['peft_type']!r} "
                 f"(installed methods: {sorted(manager.methods)}). Nothing was loaded."
             )
         adapter_config, native_tensors = result
         if not isinstance(adapter_config, AdapterConfig) or not isinstance(native_tensors, dict):
-            raise TypeError(
+            raise PluginError(
                 f"the peft_import hook answering for {part_config['peft_type']!r} must return "
                 "(config, tensors)"
             )
@@ -461,7 +468,7 @@ def read(
     root = Path(path)
     found = _candidates(root)
     if not found:
-        raise ValueError(f"{root} holds no PEFT adapter ({CONFIG_FILE} with a 'peft_type')")
+        raise SavedFolderError(f"{root} holds no PEFT adapter ({CONFIG_FILE} with a 'peft_type')")
     converted: dict[str, storage.SavedAdapter] = {}
     if adapter_name is None:
         for name, folder in found.items():
@@ -474,7 +481,7 @@ def read(
     elif len(found) == 1:
         folder = next(iter(found.values()))
     else:
-        raise ValueError(
+        raise SavedFolderError(
             f"{root} holds PEFT adapters {sorted(found)}, not {adapter_name!r}; pass one of those names"
         )
     converted = _convert(folder, adapter_name, model, strict)
@@ -511,10 +518,10 @@ def read_one(path: str | os.PathLike[str], adapter_name: str | None = None) -> s
     root = Path(path)
     found = _candidates(root)
     if adapter_name is None and len(found) > 1:
-        raise ValueError(f"{root} holds PEFT adapters {sorted(found)}; say which with adapter=...")
+        raise SavedFolderError(f"{root} holds PEFT adapters {sorted(found)}; say which with adapter=...")
     converted, _ = read(root, adapter_name or next(iter(found), DEFAULT_ADAPTER))
     if len(converted) != 1:
-        raise ValueError(
+        raise SavedFolderError(
             f"the PEFT adapter in {root} is a LoRA with trainable_token_indices, which tt-adapters holds as "
             f"two adapters {sorted(converted)}; load it (AdapterModel.from_pretrained) and publish each "
             "with Registry.publish(adapter_model, name, adapter=...)"

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from tt_core.errors import ConfigError
 from tt_core.layer import AdapterLayer
 
 
@@ -38,7 +39,7 @@ def input_embedding_name(model: nn.Module) -> str:
     getter = getattr(model, "get_input_embeddings", None)
     embedding = getter() if callable(getter) else None
     if embedding is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no get_input_embeddings(); name the module to adapt "
             f"with target_modules=[...]. Embedding modules here: {embedding_like(model)}"
         )
@@ -46,7 +47,7 @@ def input_embedding_name(model: nn.Module) -> str:
     for name, module in named_base_modules(model):
         if module is embedding:
             return name
-    raise ValueError("get_input_embeddings() returned a module that is not part of the model")
+    raise ConfigError("get_input_embeddings() returned a module that is not part of the model")
 
 
 def resolve_targets(model: nn.Module, target_modules: Iterable[str] | str | None) -> list[str]:
@@ -62,7 +63,7 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str] | str | None
     if isinstance(target_modules, str):
         found = [name for name in names if re.fullmatch(target_modules, name)]
         if not found:
-            raise ValueError(
+            raise ConfigError(
                 f"target_modules={target_modules!r} (a regular expression, matched against full module "
                 f"names) matches no module of {type(model).__name__}. Embedding modules here: "
                 f"{embedding_like(model)}"
@@ -72,7 +73,7 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str] | str | None
     for wanted in target_modules:
         matches = [name for name in names if name == wanted or name.endswith("." + wanted)]
         if not matches:
-            raise ValueError(
+            raise ConfigError(
                 f"target module {wanted!r} does not exist in {type(model).__name__}. "
                 f"Embedding modules here: {embedding_like(model)}; "
                 "leave target_modules=None to use get_input_embeddings()"

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from tt_core import manifest, storage
+from tt_core.errors import SavedFolderError
 from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
 from tt_core.plugins import get_plugin_manager
 from tt_core.serialization import SHAPES_KEY
@@ -97,28 +98,28 @@ def encode(document: dict[str, Any]) -> torch.Tensor:
 def decode(value: Any, where: str) -> dict[str, Any]:
     """The document :func:`encode` made, checked; a ValueError naming ``where`` if it is not one."""
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
-        raise ValueError(
+        raise SavedFolderError(
             f"{where}: {EXTRA_STATE_KEY!r} is not the uint8 tensor AdapterModel.state_dict() writes"
         )
     try:
         document = json.loads(bytes(value.cpu().numpy().tobytes()).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{where}: {EXTRA_STATE_KEY!r} is not valid JSON ({error})") from None
+        raise SavedFolderError(f"{where}: {EXTRA_STATE_KEY!r} is not valid JSON ({error})") from None
     if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
-        raise ValueError(f"{where}: {EXTRA_STATE_KEY!r} was not written by tt-adapters")
+        raise SavedFolderError(f"{where}: {EXTRA_STATE_KEY!r} was not written by tt-adapters")
     version = document.get("version")
     if not isinstance(version, int) or version > STATE_VERSION:
-        raise ValueError(
+        raise SavedFolderError(
             f"{where}: the adapter state has version {version!r}; this tt-adapters reads up to "
             f"{STATE_VERSION}. Upgrade tt-adapters."
         )
     adapters, active = document.get("adapters"), document.get("active")
     if not isinstance(adapters, dict) or not isinstance(active, list):
-        raise ValueError(f"{where}: the adapter state has no 'adapters' object or 'active' list")
+        raise SavedFolderError(f"{where}: the adapter state has no 'adapters' object or 'active' list")
     for name, adapter in adapters.items():
         keys = ("config", "entry", "targets")
         if not isinstance(adapter, dict) or not all(isinstance(adapter.get(key), dict) for key in keys):
-            raise ValueError(f"{where}: adapter {name!r} of the adapter state is malformed")
+            raise SavedFolderError(f"{where}: adapter {name!r} of the adapter state is malformed")
     return document
 
 
@@ -131,14 +132,14 @@ def check_matches(adapter_model: AdapterModel, document: dict[str, Any], where: 
     live = describe(adapter_model)["adapters"]
     for name, saved in document["adapters"].items():
         if name not in live:
-            raise ValueError(
+            raise SavedFolderError(
                 f"{where} holds adapter {name!r}, which this model does not have (it has "
                 f"{adapter_model.adapters}). Add it with the same config first, or load the folder with "
                 "AdapterModel.from_pretrained(base_model, folder)."
             )
         for key in ("config", "targets"):
             if saved[key] != live[name][key]:
-                raise ValueError(
+                raise SavedFolderError(
                     f"{where}: adapter {name!r} was saved with {key} {saved[key]} but this model's is "
                     f"{live[name][key]}; its rows belong to other tokens or another vocabulary"
                 )
@@ -175,9 +176,9 @@ def read_trainer_folder(
     try:
         tensors = safetensors.torch.load_file(str(weights))
     except Exception as error:
-        raise ValueError(f"{weights} is not a valid safetensors file ({error})") from None
+        raise SavedFolderError(f"{weights} is not a valid safetensors file ({error})") from None
     if EXTRA_STATE_KEY not in tensors:
-        raise ValueError(
+        raise SavedFolderError(
             f"{weights} was not written from an AdapterModel (it has no {EXTRA_STATE_KEY!r}); "
             "pass a folder that Trainer or save_pretrained() wrote from one"
         )
@@ -190,7 +191,7 @@ def read_trainer_folder(
     elif len(adapters) == 1:
         names = list(adapters)
     else:
-        raise ValueError(
+        raise SavedFolderError(
             f"{weights} holds adapters {sorted(adapters)}, not {adapter_name!r}; pass one of those names"
         )
     saved: dict[str, storage.SavedAdapter] = {}

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from tt_core import AdapterConfig
 from tt_core.config import check_target_modules
+from tt_core.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ class LoraEmbeddingConfig(AdapterConfig):
     def __post_init__(self) -> None:
         # bool is an int to Python, but r=True is certainly a mistake.
         if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
-            raise ValueError(f"r={self.r!r} is not a valid LoRA rank; give a whole number >= 1, e.g. r=8")
+            raise ConfigError(f"r={self.r!r} is not a valid LoRA rank; give a whole number >= 1, e.g. r=8")
         self.r = int(self.r)
         alpha = self.lora_alpha
         if (
@@ -46,7 +47,7 @@ class LoraEmbeddingConfig(AdapterConfig):
             or not math.isfinite(alpha)
             or alpha <= 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"lora_alpha={alpha!r} is not valid; give a positive number, e.g. lora_alpha={2 * self.r} "
                 "(the update is scaled by lora_alpha / r)"
             )

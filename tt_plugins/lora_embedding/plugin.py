@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tt_core import hookimpl, peft_format
+from tt_core.errors import ConfigError
 from tt_core.plugins import MethodRegister
 from tt_core.targets import find_tied_modules, input_embedding_name, named_base_modules
 from tt_plugins.lora_embedding.config import LoraEmbeddingConfig
@@ -30,7 +31,7 @@ def create_layer(
 ) -> LoraEmbeddingLayer:
     weight = getattr(base_layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(
+        raise ConfigError(
             f"LoRA on the embedding cannot adapt {target_name} ({type(base_layer).__name__}): it needs a "
             "module with a 2-D weight (nn.Embedding, or an nn.Linear head tied to one)"
         )
@@ -114,7 +115,7 @@ def peft_export(
                 tensors[f"{name}.lora_A.weight"] = b.T.contiguous()
                 tensors[f"{name}.lora_B.weight"] = a.T.contiguous()
             else:
-                raise ValueError(
+                raise ConfigError(
                     f"{name} is a {type(module).__name__}; PEFT's LoRA form covers nn.Embedding and nn.Linear"
                 )
             targets.append(name)
@@ -146,23 +147,23 @@ def _factors(tensors: dict[str, torch.Tensor], r: int) -> dict[str, tuple[str, t
                 module = key[: -len(suffix) - 1]
                 entry = found.setdefault(module, {"kind": kind})
                 if entry["kind"] != kind:
-                    raise ValueError(f"{module} holds both embedding and linear LoRA factors")
+                    raise ConfigError(f"{module} holds both embedding and linear LoRA factors")
                 entry[slot] = tensor
                 break
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"the folder holds {key!r}, which is not a LoRA factor of an embedding or a linear head "
                 "(lora_embedding_A/B, lora_A/B.weight)"
             )
     factors = {}
     for module, entry in found.items():
         if "A" not in entry or "B" not in entry:
-            raise ValueError(f"the folder holds only one of the two LoRA factors of {module}")
+            raise ConfigError(f"the folder holds only one of the two LoRA factors of {module}")
         a, b = entry["A"], entry["B"]
         if entry["kind"] == "linear":
             a, b = b.T, a.T  # lora_B (vocabulary, r) -> A (r, vocabulary); lora_A (r, width) -> B (width, r)
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise ValueError(
+            raise ConfigError(
                 f"the LoRA factors of {module} have shapes {tuple(entry['A'].shape)} and "
                 f"{tuple(entry['B'].shape)}, which do not have rank r={r}"
             )
@@ -181,7 +182,7 @@ def _check_modules(
             if kind == "linear" and not any(
                 torch.equal(a, ea) and torch.equal(b, eb) for ea, eb in embeddings
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"the folder holds LoRA on {name}, a linear module, with factors of its own: without "
                     "the model, tt-adapters cannot tell a head tied to the embedding from an attention or "
                     "MLP projection. Load the folder onto its model (AdapterModel.from_pretrained), which "
@@ -193,16 +194,16 @@ def _check_modules(
     for module_name, (kind, _, _) in factors.items():
         module = modules.get(module_name)
         if module is None:
-            raise ValueError(f"the folder holds LoRA on {module_name}, which this model does not have")
+            raise ConfigError(f"the folder holds LoRA on {module_name}, which this model does not have")
         tied_head = isinstance(module, nn.Linear) and id(module.weight) in embedding_weights
         expected = nn.Embedding if kind == "embedding" else nn.Linear
         if not isinstance(module, expected):
-            raise ValueError(
+            raise ConfigError(
                 f"the folder holds {kind} LoRA factors for {module_name}, which is a "
                 f"{type(module).__name__} here"
             )
         if kind == "linear" and not tied_head:
-            raise ValueError(
+            raise ConfigError(
                 f"the folder holds LoRA on {module_name}, a linear module that does not share its weight "
                 "with a token embedding (an attention or MLP projection, or an untied head): tt-adapters "
                 "adapts token embeddings and heads tied to them only"
@@ -247,26 +248,26 @@ def peft_import(
     peft_format.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
     bias = peft_config.get("bias", "none")
     if bias != "none":
-        raise ValueError(
+        raise ConfigError(
             f"PEFT option bias={bias!r} trains biases of the base model, which tt-adapters never changes"
         )
     init = peft_config.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
-        raise ValueError(
+        raise ConfigError(
             f"PEFT option init_lora_weights={init!r} is not one tt-adapters can vouch for: initialisations "
             "such as PiSSA, OLoRA, LoftQ or CorDA change the base weights when PEFT loads the adapter, "
             "which tt-adapters never does"
         )
     r, alpha = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"PEFT option r={r!r} is not a rank")
+        raise ConfigError(f"PEFT option r={r!r} is not a rank")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ValueError(f"PEFT option lora_alpha={alpha!r} is not a number")
+        raise ConfigError(f"PEFT option lora_alpha={alpha!r} is not a number")
     if peft_config.get("use_rslora"):
         alpha = alpha * math.sqrt(r)  # PEFT scales by alpha / sqrt(r); this plugin by alpha / r
     factors = _factors(tensors, r)
     if not factors:
-        raise ValueError("the folder holds no LoRA weights")
+        raise ConfigError("the folder holds no LoRA weights")
     _check_modules(factors, model)
     targets = _shared_form(factors, model) if model is not None else None
     if targets is not None:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from tt_core import AdapterConfig
 from tt_core.config import check_target_modules
+from tt_core.errors import ArgumentTypeError, ConfigError
 
 TokenIndices = list[int] | dict[str, list[int]]
 
@@ -17,27 +18,27 @@ def _clean_indices(values: Any, where: str) -> list[int]:
     if hasattr(values, "tolist"):  # a tensor or an array
         values = values.tolist()
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"token_indices{where} must be a list of token ids, got {values!r}")
+        raise ConfigError(f"token_indices{where} must be a list of token ids, got {values!r}")
     values = list(values)
     if not values:
-        raise ValueError(
+        raise ConfigError(
             f"token_indices{where} is empty; give the ids of the tokens to train, e.g. "
             "tokenizer.convert_tokens_to_ids(new_tokens)"
         )
     not_ints = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
     if not_ints:
-        raise ValueError(f"token_indices{where} must be integers; these are not: {not_ints[:10]}")
+        raise ConfigError(f"token_indices{where} must be integers; these are not: {not_ints[:10]}")
     ids = [int(v) for v in values]
     negative = [v for v in ids if v < 0]
     if negative:
-        raise ValueError(
+        raise ConfigError(
             f"token_indices{where} has negative ids {negative[:10]}; ids count from 0 "
             "(an unknown token converts to None or -1: check the token was added to the tokenizer)"
         )
     seen: set[int] = set()
     duplicates = sorted({v for v in ids if v in seen or seen.add(v)})  # type: ignore[func-returns-value]
     if duplicates:
-        raise ValueError(
+        raise ConfigError(
             f"token_indices{where} lists ids {duplicates[:10]} more than once; give each id once"
         )
     return ids
@@ -61,7 +62,7 @@ class TrainableTokensConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if isinstance(self.token_indices, dict):
             if not self.token_indices:
-                raise ValueError("token_indices is an empty dict; map module names to token ids")
+                raise ConfigError("token_indices is an empty dict; map module names to token ids")
             self.token_indices = {
                 str(name): _clean_indices(ids, f"[{name!r}]") for name, ids in self.token_indices.items()
             }
@@ -80,7 +81,7 @@ class TrainableTokensConfig(AdapterConfig):
         from tt_plugins.trainable_tokens.tokens import token_ids
 
         if "token_indices" in kwargs:
-            raise TypeError("from_tokens() takes the ids from tokens; drop token_indices")
+            raise ArgumentTypeError("from_tokens() takes the ids from tokens; drop token_indices")
         return cls(token_indices=token_ids(tokenizer, tokens), **kwargs)
 
     @classmethod

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tt_core import hookimpl, peft_format
+from tt_core.errors import ConfigError
 from tt_core.plugins import MethodRegister
 from tt_core.targets import find_tied_modules, input_embedding_name, named_base_modules, resolve_targets
 from tt_plugins.trainable_tokens.config import TrainableTokensConfig
@@ -35,7 +36,7 @@ def detect_target(model: nn.Module, config: TrainableTokensConfig) -> list[str] 
 def _refuse_padding_row(indices: list[int], name: str, module: nn.Module) -> None:
     padding_idx = getattr(module, "padding_idx", None)
     if padding_idx is not None and padding_idx in indices:
-        raise ValueError(
+        raise ConfigError(
             f"token index {padding_idx} is the padding_idx of {name}: the base model never "
             "trains that row. Remove it from token_indices."
         )
@@ -48,11 +49,11 @@ def create_layer(
     indices = config.indices_for(target_name)
     weight = getattr(base_layer, "weight", None)
     if indices is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"trainable tokens cannot adapt {target_name} ({type(base_layer).__name__})")
+        raise ConfigError(f"trainable tokens cannot adapt {target_name} ({type(base_layer).__name__})")
     vocab = weight.shape[0]
     out_of_range = [i for i in indices if i >= vocab]
     if out_of_range:
-        raise ValueError(
+        raise ConfigError(
             f"token_indices {out_of_range[:10]} are out of range for {target_name}, whose vocabulary "
             f"has {vocab} rows (valid ids 0..{vocab - 1}). After adding tokens to the tokenizer, call "
             "model.resize_token_embeddings(len(tokenizer)) before creating the adapter."
@@ -72,7 +73,7 @@ def tie_handler(
     for name in tied:
         theirs = config.indices_for(name) if isinstance(config.token_indices, dict) else mine
         if theirs is not None and theirs != mine:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} shares its weight with {target_name}, so they train the same rows, but "
                 f"token_indices gives them different ids; give the ids once, for {target_name}"
             )
@@ -93,7 +94,7 @@ def _refuse_biased_heads(modules: dict[str, nn.Module], names: list[str]) -> Non
     for name in names:
         module = modules[name]
         if isinstance(module, nn.Linear) and module.bias is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} has a bias, which PEFT's trainable tokens leave out of the head's outputs "
                 "(F.linear(x, W)) while tt-adapters keeps it: the outputs would differ"
             )
@@ -107,7 +108,7 @@ def _check_peft_ties(model: nn.Module, names: list[str]) -> None:
         embedding = ""
     tied_in_config = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     if names[0] != embedding or not tied_in_config or not hasattr(model, "_tied_weights_keys"):
-        raise ValueError(
+        raise ConfigError(
             f"{names[1:]} share their weight with {names[0]}, but PEFT's trainable tokens reach tied modules "
             "only from the input embedding of a transformers model that ties its embeddings "
             "(tie_word_embeddings); PEFT would leave them unadapted"
@@ -125,7 +126,7 @@ def peft_export(
     for names, state in sites:
         ids = config.indices_for(names[0])
         if token_indices is not None and ids != token_indices:
-            raise ValueError(
+            raise ConfigError(
                 f"PEFT's TRAINABLE_TOKENS trains one list of token ids on all its modules, and this adapter "
                 f"trains {token_indices} on {targets[0]} but {ids} on {names[0]}; save one adapter per module"
             )
@@ -157,7 +158,7 @@ def _groups(
     groups: list[list[str]] = []
     for name in primaries + [n for n in rows if n not in primaries]:
         if model is not None and name not in modules:
-            raise ValueError(f"the folder holds token rows for {name}, which this model does not have")
+            raise ConfigError(f"the folder holds token rows for {name}, which this model does not have")
         for group in groups:
             first = group[0]
             if model is not None:
@@ -166,7 +167,7 @@ def _groups(
                 same = ids[name] == ids[first] and torch.equal(rows[name], rows[first])
             if same:
                 if ids[name] != ids[first] or not torch.equal(rows[name], rows[first]):
-                    raise ValueError(
+                    raise ConfigError(
                         f"the folder holds different token rows for {first} and {name}, which share one "
                         "weight"
                     )
@@ -174,7 +175,7 @@ def _groups(
                 break
         else:
             if name not in primaries:
-                raise ValueError(
+                raise ConfigError(
                     f"the folder holds token rows for {name}, which its target_modules do not name and "
                     "which share no weight with a module they name"
                 )
@@ -193,15 +194,15 @@ def peft_import(
     rows = {}
     for key, tensor in tensors.items():
         if not key.endswith("." + _ROWS_KEY):
-            raise ValueError(f"the folder holds {key!r}, which is not trainable-token rows ({_ROWS_KEY})")
+            raise ConfigError(f"the folder holds {key!r}, which is not trainable-token rows ({_ROWS_KEY})")
         rows[key[: -len(_ROWS_KEY) - 1]] = tensor
     if not rows:
-        raise ValueError("the folder holds no trainable-token rows")
+        raise ConfigError("the folder holds no trainable-token rows")
     given = peft_config.get("token_indices")
     ids: dict[str, Any] = {name: given.get(name) if isinstance(given, dict) else given for name in rows}
     for name, tensor in rows.items():
         if not isinstance(ids[name], list) or tensor.dim() != 2 or tensor.shape[0] != len(ids[name]):
-            raise ValueError(
+            raise ConfigError(
                 f"the folder holds rows of shape {tuple(tensor.shape)} for {name}, but token_indices gives "
                 f"it {ids[name]!r}"
             )
@@ -221,7 +222,7 @@ def peft_import(
             # holding the weight.
             beyond = [name for name in covered if name not in group]
             if beyond and embedding not in group:
-                raise ValueError(
+                raise ConfigError(
                     f"PEFT applies the rows of {group} to those modules only, but {beyond} share their "
                     "weight and tt-adapters' trainable tokens change every module holding it: the outputs "
                     "would differ"

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tt_core import AdapterLayer
+from tt_core.errors import ArgumentTypeError, ConfigError
 
 if TYPE_CHECKING:
     from tt_plugins.trainable_tokens.config import TrainableTokensConfig
@@ -35,22 +36,22 @@ def _content(token: Any) -> str:
     """The text of a token given as a string or a ``tokenizers.AddedToken``."""
     content = token if isinstance(token, str) else getattr(token, "content", None)
     if not isinstance(content, str):
-        raise TypeError(f"a token must be a string (or a tokenizers.AddedToken), got {token!r}")
+        raise ArgumentTypeError(f"a token must be a string (or a tokenizers.AddedToken), got {token!r}")
     if not content.strip():
-        raise ValueError(f"token {token!r} is empty or only whitespace; give each token some text")
+        raise ConfigError(f"token {token!r} is empty or only whitespace; give each token some text")
     return content
 
 
 def _as_list(tokens: Any, argument: str) -> list[Any]:
     if isinstance(tokens, (str, bytes)) or _is_added_token(tokens):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{argument} must be a list of tokens, got the single token {tokens!r}; wrap it in a list"
         )
     if not isinstance(tokens, Iterable):
-        raise TypeError(f"{argument} must be a list of tokens, got {tokens!r}")
+        raise ArgumentTypeError(f"{argument} must be a list of tokens, got {tokens!r}")
     found = list(tokens)
     if not found:
-        raise ValueError(f"{argument} is empty; give at least one token")
+        raise ConfigError(f"{argument} is empty; give at least one token")
     return found
 
 
@@ -61,7 +62,7 @@ def _is_added_token(value: Any) -> bool:
 def _no_repeats(contents: list[str], argument: str) -> None:
     repeated = sorted({content for content in contents if contents.count(content) > 1})
     if repeated:
-        raise ValueError(f"{argument} names {repeated} more than once; give each token once")
+        raise ConfigError(f"{argument} names {repeated} more than once; give each token once")
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -89,7 +90,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
     needed = ("get_vocab", "add_tokens", "convert_ids_to_tokens", "__len__", "__call__")
     missing = [name for name in needed if not hasattr(tokenizer, name)]
     if missing:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"tokenizer must be a transformers tokenizer (e.g. AutoTokenizer.from_pretrained(...)); "
             f"{type(tokenizer).__name__} has no {', '.join(missing)}"
         )
@@ -120,35 +121,35 @@ def token_ids(tokenizer: Any, tokens: Iterable[Any]) -> list[int]:
         else:
             split.append(f"{content!r} ({len(encoded)} tokens: {_pieces(tokenizer, encoded)})")
     if split:
-        raise ValueError(
+        raise ConfigError(
             f"these are not single tokens of the tokenizer: {', '.join(split)}. Add them as new tokens with "
             "TrainableTokensConfig.add_new_tokens(model, tokenizer, [...]), which also resizes the model"
         )
     same = {i: [c for c, j in zip(contents, ids, strict=True) if j == i] for i in ids if ids.count(i) > 1}
     if same:
         described = "; ".join(f"{names} are all id {i}" for i, names in same.items())
-        raise ValueError(f"tokens name one token twice: {described}. Give each token once")
+        raise ConfigError(f"tokens name one token twice: {described}. Give each token once")
     return ids
 
 
 def _input_embedding(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     if not callable(get):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{type(model).__name__} has no get_input_embeddings(); pass a transformers model "
             "(or a module that defines get_input_embeddings())"
         )
     embedding = get()
     if isinstance(embedding, AdapterLayer):
-        raise ValueError(
+        raise ConfigError(
             "the model already carries adapters, and a model carrying adapters cannot be resized; add the "
             "new tokens to the base model before get_adapter_model() (or unload() the adapters first)"
         )
     weight = getattr(embedding, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f"the model's input embedding {type(embedding).__name__} has no 2-d weight")
+        raise ArgumentTypeError(f"the model's input embedding {type(embedding).__name__} has no 2-d weight")
     if weight.device.type == "meta":
-        raise ValueError("the model's embedding is on the meta device; load its weights first")
+        raise ConfigError("the model's embedding is on the meta device; load its weights first")
     return embedding
 
 
@@ -241,7 +242,9 @@ def add_tokens_for(
     """:func:`add_new_tokens`, returning a ``config_class`` (a TrainableTokensConfig or a subclass)."""
     _check_tokenizer(tokenizer)
     if "token_indices" in config_kwargs:
-        raise TypeError("add_new_tokens() chooses token_indices itself (the new tokens' ids); drop it")
+        raise ArgumentTypeError(
+            "add_new_tokens() chooses token_indices itself (the new tokens' ids); drop it"
+        )
     if isinstance(tokens, Mapping):
         wanted = _as_list(list(tokens), "tokens")
         descriptions = [tokens[token] for token in wanted]
@@ -252,7 +255,7 @@ def add_tokens_for(
     _no_repeats(contents, "tokens")
     for content, description in zip(contents, descriptions, strict=True):
         if description is not None and (not isinstance(description, str) or not description.strip()):
-            raise ValueError(
+            raise ConfigError(
                 f"the description of {content!r} is {description!r}; give a few words whose rows the new "
                 "row starts from (or None to start from the token's own word-pieces)"
             )
@@ -271,20 +274,20 @@ def add_tokens_for(
         if not source or all(i == _unknown_id(tokenizer) for i in source):
             text = content if description is None else description
             what = "no tokens at all" if not source else "only the unknown token"
-            raise ValueError(
+            raise ConfigError(
                 f"{text!r} encodes to {what}, so the row of {content!r} has nothing to start from; "
                 "give it a description the tokenizer knows: {token: 'a few words'}"
             )
         sources.append(source)
     if existing:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer already has {', '.join(existing)}; add_new_tokens adds new tokens only. Leave "
             "those out, or train their existing rows with "
             "TrainableTokensConfig.from_tokens(tokens, tokenizer)"
         )
     too_far = sorted({i for source in sources for i in source if i >= rows})
     if too_far:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer gives ids {too_far[:10]} but the model's embedding has only {rows} rows; the "
             f"model does not match this tokenizer (it has {len(tokenizer)} tokens). Resize the model with "
             "model.resize_token_embeddings(len(tokenizer)) first, or load the matching tokenizer"
@@ -293,7 +296,7 @@ def add_tokens_for(
     new_ids = list(range(start, start + len(contents)))
     size = max(rows, new_ids[-1] + 1)
     if size > rows and not callable(getattr(model, "resize_token_embeddings", None)):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{type(model).__name__} has no resize_token_embeddings() and its embedding has {rows} rows, "
             f"too few for {size} tokens; give its embedding {size} rows first"
         )
@@ -328,14 +331,14 @@ def _add_to(
     added = tokenizer.add_tokens(list(wanted), special_tokens=special_tokens)
     got = [tokenizer.convert_tokens_to_ids(content) for content in contents]
     if added != len(wanted) or got != new_ids:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer added {added} of {len(wanted)} tokens, at ids {got} instead of {new_ids}; "
             "it may normalise some of them into each other or into existing tokens. Check the tokens "
             "with tokenizer.tokenize() and pick distinct ones"
         )
     whole = [c for c, i in zip(contents, new_ids, strict=True) if _encode(tokenizer, c).count(i) != 1]
     if whole:
-        raise ValueError(
+        raise ConfigError(
             f"after adding, the tokenizer still does not encode {whole} as the new token; it may strip "
             "or normalise them. Check them with tokenizer.tokenize() and pick other strings"
         )
