@@ -109,9 +109,11 @@ class PluginManager(pluggy.PluginManager):
         return register.methods
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        """Unregister a plugin, given as the object or by name, and the methods it registered."""
+        if name is None and plugin is not None:
+            name = self.get_name(plugin)  # before pluggy forgets it
         removed = super().unregister(plugin, name)
-        plugin_name = name or (self.get_name(removed) if removed is not None else None)
-        self._methods = {key: m for key, m in self._methods.items() if m.plugin != plugin_name}
+        self._methods = {key: m for key, m in self._methods.items() if m.plugin != name}
         self._callers.clear()
         return removed
 

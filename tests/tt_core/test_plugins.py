@@ -89,3 +89,19 @@ def test_the_core_never_imports_the_plugins():
     code = "import sys, tt_core; tt_core.AdapterModel; print('tt_plugins' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- unregistering, hook names, the table
+def test_unregistering_a_plugin_object_removes_its_methods():
+    manager = PluginManager()
+    plugin = EchoPlugin()
+    manager.register(plugin, name="echo")
+    manager.unregister(plugin)
+    assert "echo" not in manager.methods
+    with pytest.raises(ValueError, match="no installed plugin provides adapter method 'echo'"):
+        manager.method_for(EchoConfig())
+    assert manager.register(plugin, name="echo") == "echo"  # not "already provided by plugin 'echo'"
+    assert manager.methods["echo"].plugin == "echo"
+    manager.unregister(name="echo")
+    assert "echo" not in manager.methods
+
