@@ -69,7 +69,7 @@ class PluginManager(pluggy.PluginManager):
     """pluggy's manager plus the method table and the list of failed plugins."""
 
     def __init__(self) -> None:
-        super().__init__("tt_core")
+        super().__init__(hookspecs.PROJECT_NAME)
         self.add_hookspecs(hookspecs)
         self.failures: list[tuple[str, str]] = []
         self._methods: dict[str, Method] = {}

@@ -105,3 +105,10 @@ def test_unregistering_a_plugin_object_removes_its_methods():
     manager.unregister(name="echo")
     assert "echo" not in manager.methods
 
+
+def test_one_plugin_surface():
+    from tt_core import defaults, hookspecs, plugins
+
+    assert tt_core.hookimpl is hookspecs.hookimpl is defaults.hookimpl
+    assert tt_core.MethodRegister is plugins.MethodRegister
+    assert {"hookimpl", "MethodRegister"} <= set(tt_core.__all__)
