@@ -4,8 +4,9 @@ Plugins come from the entry-point group ``tt_core.plugins`` (loaded with
 pluggy's own loader, which records each plugin's distribution) and from
 objects registered at run time (``get_plugin_manager().register(obj)``). Each
 plugin's ``register_methods`` hook is called once, when it is registered. A
-plugin that fails to import, registers a bad method, or claims a method name
-another plugin owns is reported by name with its error and skipped; set
+plugin that fails to import, implements a hook tt_core does not define (a
+misspelled name), registers a bad method, or claims a method name another
+plugin owns is reported by name with its error and skipped; set
 ``TT_STRICT_PLUGINS=1`` to turn that into an exception, and
 ``TT_DISABLE_PLUGINS=a,b`` to leave plugins out by name.
 
@@ -17,6 +18,7 @@ The core asks a method's hooks only of the plugin that registered the method
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.metadata
 import os
 import warnings
@@ -26,6 +28,7 @@ import pluggy
 
 from tt_core import defaults, hookspecs
 from tt_core.config import AdapterConfig
+from tt_core.errors import PluginError
 
 ENTRY_POINT_GROUP = "tt_core.plugins"
 DEFAULTS_NAME = "tt_core.defaults"
@@ -82,6 +85,7 @@ class PluginManager(pluggy.PluginManager):
         if plugin_name is None:  # blocked
             return None
         try:
+            self._check_hook_names(plugin_name, plugin)
             methods = self._declared(plugin_name, plugin)
         except Exception:
             super().unregister(plugin)
@@ -90,6 +94,32 @@ class PluginManager(pluggy.PluginManager):
             self._methods[method.name] = method
         self._callers.clear()
         return plugin_name
+
+    def _check_hook_names(self, plugin_name: str, plugin: object) -> None:
+        """pluggy's ``check_pending``, run as each plugin comes: a misspelled hook name is an error.
+
+        Every plugin registered before passed this check, so whatever it finds
+        belongs to ``plugin``.
+        """
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError:
+            unknown = sorted(
+                caller.name
+                for caller in self.get_hookcallers(plugin) or []
+                if not caller.has_spec()
+                and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls())
+            )
+            known = sorted(name for name, caller in vars(self.hook).items() if caller.has_spec())
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise PluginError(
+                f"plugin {plugin_name!r} implements {', '.join(hints)}, which is not a tt_core hook; "
+                f"rename it to one of {known}, or mark it @hookimpl(optionalhook=True) if it is meant "
+                "to be absent from this version of tt_core"
+            ) from None
 
     def _declared(self, plugin_name: str, plugin: object) -> list[Method]:
         register = MethodRegister(plugin_name)
@@ -141,7 +171,7 @@ class PluginManager(pluggy.PluginManager):
                 message = f"{type(error).__name__}: {error}"
                 self.failures.append((entry_point.name, message))
                 if strict:
-                    raise RuntimeError(
+                    raise PluginError(
                         f"tt plugin {entry_point.name!r} ({entry_point.value}) failed: {message}"
                     ) from error
                 warnings.warn(

@@ -106,6 +106,57 @@ def test_unregistering_a_plugin_object_removes_its_methods():
     assert "echo" not in manager.methods
 
 
+class MisspelledPlugin:
+    @hookimpl
+    def register_methods(self, register):
+        register(EchoConfig)
+
+    @hookimpl
+    def create_layr(self, config, adapter_name, target_name, base_layer):
+        return None
+
+
+def test_a_misspelled_hook_of_a_run_time_plugin_is_a_plugin_error_naming_both():
+    manager = PluginManager()
+    with pytest.raises(tt_core.PluginError) as caught:
+        manager.register(MisspelledPlugin(), name="misspelled")
+    message = str(caught.value)
+    assert "plugin 'misspelled'" in message
+    assert "'create_layr'" in message and "did you mean 'create_layer'" in message
+    assert manager.get_plugin("misspelled") is None and "echo" not in manager.methods
+    manager.register(EchoPlugin(), name="echo")  # nothing of the refused plugin is left behind
+    assert manager.methods["echo"].plugin == "echo"
+
+
+def _misspelled_distribution(tmp_path: Path) -> None:
+    (tmp_path / "misspelled_plugin.py").write_text(
+        "from tt_core import hookimpl\n"
+        "@hookimpl\n"
+        "def create_layr(config, adapter_name, target_name, base_layer):\n"
+        "    return None\n"
+    )
+    _fake_distribution(tmp_path, "misspelled = misspelled_plugin\n")
+
+
+def test_a_misspelled_hook_of_an_entry_point_plugin_is_reported_and_skipped(tmp_path, monkeypatch):
+    _misspelled_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = PluginManager()
+    with pytest.warns(UserWarning, match="tt plugin 'misspelled'.*skipped.*'create_layr'.*'create_layer'"):
+        manager.load_entry_points(strict=False)
+    assert [name for name, _ in manager.failures] == ["misspelled"]
+    assert manager.get_plugin("misspelled") is None
+    assert "trainable_tokens" in manager.methods
+    manager.check_pending()  # nothing unknown is left registered
+
+
+def test_strict_mode_turns_a_misspelled_hook_into_a_plugin_error(tmp_path, monkeypatch):
+    _misspelled_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(tt_core.PluginError, match="tt plugin 'misspelled'.*'create_layr'"):
+        PluginManager().load_entry_points(strict=True)
+
+
 def test_one_plugin_surface():
     from tt_core import defaults, hookspecs, plugins
 
