@@ -77,6 +77,7 @@ class PluginManager(pluggy.PluginManager):
         self.failures: list[tuple[str, str]] = []
         self._methods: dict[str, Method] = {}
         self._callers: dict[str, _MethodHooks] = {}
+        self._table: dict[str, Method] | None = None  # _methods with distributions, built on first use
         self.register(defaults, name=DEFAULTS_NAME)
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
@@ -92,7 +93,7 @@ class PluginManager(pluggy.PluginManager):
             raise
         for method in methods:
             self._methods[method.name] = method
-        self._callers.clear()
+        self._forget_tables()
         return plugin_name
 
     def _check_hook_names(self, plugin_name: str, plugin: object) -> None:
@@ -144,7 +145,7 @@ class PluginManager(pluggy.PluginManager):
             name = self.get_name(plugin)  # before pluggy forgets it
         removed = super().unregister(plugin, name)
         self._methods = {key: m for key, m in self._methods.items() if m.plugin != name}
-        self._callers.clear()
+        self._forget_tables()
         return removed
 
     def load_entry_points(self, strict: bool | None = None) -> None:
@@ -165,6 +166,7 @@ class PluginManager(pluggy.PluginManager):
                 continue
             try:
                 self.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry_point.name)
+                self._forget_tables()  # pluggy records the distribution after registering the plugin
             except Exception as error:
                 if self.get_plugin(entry_point.name) is not None:
                     self.unregister(name=entry_point.name)
@@ -191,14 +193,24 @@ class PluginManager(pluggy.PluginManager):
         dist = self.distribution(plugin_name)
         return f" (package {dist[0]} {dist[1]})" if dist else ""
 
+    def _forget_tables(self) -> None:
+        """Drop what is derived from the registered plugins; called whenever one comes or goes."""
+        self._callers.clear()
+        self._table = None
+
     @property
     def methods(self) -> dict[str, Method]:
-        """Every registered method by name, with the package that provides it."""
-        table = {}
-        for name, method in self._methods.items():
-            dist = self.distribution(method.plugin) or (None, None)
-            table[name] = dataclasses.replace(method, distribution=dist[0], version=dist[1])
-        return table
+        """Every registered method by name, with the package that provides it (a copy)."""
+        if self._table is None:
+            dists = {
+                self.get_name(plugin): (dist.project_name, dist.version)
+                for plugin, dist in self.list_plugin_distinfo()
+            }
+            self._table = {}
+            for name, method in self._methods.items():
+                dist = dists.get(method.plugin, (None, None))
+                self._table[name] = dataclasses.replace(method, distribution=dist[0], version=dist[1])
+        return dict(self._table)
 
     def method_for(self, config: AdapterConfig) -> Method:
         """The registered method whose config class ``config`` is."""

@@ -157,6 +157,24 @@ def test_strict_mode_turns_a_misspelled_hook_into_a_plugin_error(tmp_path, monke
         PluginManager().load_entry_points(strict=True)
 
 
+def test_the_method_table_is_built_once_until_a_plugin_comes_or_goes(monkeypatch):
+    manager = PluginManager()
+    manager.load_entry_points()
+    calls = []
+    list_distinfo = manager.list_plugin_distinfo
+    monkeypatch.setattr(manager, "list_plugin_distinfo", lambda: calls.append(1) or list_distinfo())
+    first = manager.methods
+    assert first["trainable_tokens"].distribution == "tt-adapters"
+    for _ in range(5):
+        assert manager.methods == first
+        manager.method_for(first["trainable_tokens"].config_class(token_indices=[1]))
+    assert len(calls) == 1
+    manager.register(EchoPlugin(), name="echo")
+    assert manager.methods["echo"].distribution is None and len(calls) == 2
+    manager.unregister(name="echo")
+    assert "echo" not in manager.methods and len(calls) == 3
+
+
 def test_one_plugin_surface():
     from tt_core import defaults, hookspecs, plugins
 
