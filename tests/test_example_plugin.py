@@ -12,7 +12,6 @@ import copy
 import importlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from installing import environment_with, pip_install, tt_command
 from models import FAMILIES, adapter_state, batch, build, logits, reference_logits
 
 import tt_core.plugins
@@ -37,15 +37,10 @@ BOTH_ORDERS = [["tokens", "scale"], ["scale", "tokens"]]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder pip installed tt-row-scale into (built from a copy: setuptools writes build/ beside it)."""
-    if importlib.util.find_spec("setuptools") is None:
-        pytest.fail("building the example needs setuptools>=70.1 in this environment (the `test` extra)")
     source = tmp_path_factory.mktemp("source") / "tt-row-scale"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("site")
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index"]
-    command += ["--disable-pip-version-check", "--no-input", "--target", str(target), str(source)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
+    pip_install(target, str(source))
     return target
 
 
@@ -82,10 +77,9 @@ def test_pip_installs_it_as_its_own_distribution(installed):
 
 
 def test_tt_plugins_lists_it_with_its_distribution(installed):
-    tt = shutil.which("tt", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    assert tt, "the `tt` console script is not installed"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([tt, "plugins", "--json"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [tt_command(), "plugins", "--json"], capture_output=True, text=True, env=environment_with(installed)
+    )
     assert result.returncode == 0, result.stderr
     listed = json.loads(result.stdout)
     assert listed["failures"] == []
