@@ -12,7 +12,6 @@ import copy
 import importlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from installing import environment_with, pip_install, tt_command
 from models import FAMILIES, adapter_state, batch, build, logits, reference_logits
 
 import tt_core.plugins
@@ -37,15 +37,10 @@ BOTH_ORDERS = [["tokens", "scale"], ["scale", "tokens"]]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder pip installed tt-row-scale into (built from a copy: setuptools writes build/ beside it)."""
-    if importlib.util.find_spec("setuptools") is None:
-        pytest.fail("building the example needs setuptools>=70.1 in this environment (the `test` extra)")
     source = tmp_path_factory.mktemp("source") / "tt-row-scale"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("site")
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index"]
-    command += ["--disable-pip-version-check", "--no-input", "--target", str(target), str(source)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
+    pip_install(target, str(source))
     return target
 
 
@@ -82,10 +77,9 @@ def test_pip_installs_it_as_its_own_distribution(installed):
 
 
 def test_tt_plugins_lists_it_with_its_distribution(installed):
-    tt = shutil.which("tt", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    assert tt, "the `tt` console script is not installed"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([tt, "plugins", "--json"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [tt_command(), "plugins", "--json"], capture_output=True, text=True, env=environment_with(installed)
+    )
     assert result.returncode == 0, result.stderr
     listed = json.loads(result.stdout)
     assert listed["failures"] == []
@@ -225,17 +219,8 @@ def test_it_saves_loads_and_merges(row_scale, family, tmp_path):
     torch.testing.assert_close(_run(plain, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- the walk-through
-def test_every_code_block_of_docs_plugins_md_is_in_the_example():
-    docs = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
-    blocks = re.findall(r"```(?:python|toml)\n(.*?)```", docs, flags=re.S)
-    assert len(blocks) >= 8, "docs/plugins.md walks through the example's code"
-    files = sorted(path for path in EXAMPLE.rglob("*") if path.suffix in (".py", ".toml", ".md"))
-    sources = [path.read_text() for path in files]
-    for block in blocks:
-        assert any(block in source for source in sources), f"not in examples/tt-row-scale:\n{block}"
-
-
+# ---------------------------------------------------------------- the README
+# docs/plugins.md, which is this package file by file, is checked by tests/test_plugin_docs.py.
 def test_the_readme_snippet_runs(row_scale):
     readme = (EXAMPLE / "README.md").read_text()
     (block,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)

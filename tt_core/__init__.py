@@ -1,11 +1,7 @@
 """tt_core: the framework for token-embedding adapters. Methods come from plugins."""
 
-import pluggy
-
-hookimpl = pluggy.HookimplMarker("tt_core")
-
-from tt_core.config import AdapterConfig  # noqa: E402
-from tt_core.errors import (  # noqa: E402
+from tt_core.config import AdapterConfig
+from tt_core.errors import (
     AdapterStateError,
     ArgumentTypeError,
     ConfigError,
@@ -16,10 +12,11 @@ from tt_core.errors import (  # noqa: E402
     StorageError,
     TTError,
 )
-from tt_core.layer import AdapterLayer, AdapterState  # noqa: E402
-from tt_core.model import AdapterModel, get_adapter_model  # noqa: E402
-from tt_core.plugins import get_plugin_manager  # noqa: E402
-from tt_core.registry import Registry  # noqa: E402
+from tt_core.hookspecs import hookimpl
+from tt_core.layer import AdapterLayer, AdapterState
+from tt_core.model import AdapterModel, get_adapter_model
+from tt_core.plugins import MethodRegister, get_plugin_manager
+from tt_core.registry import Registry
 
 __all__ = [
     "AdapterConfig",
@@ -39,4 +36,5 @@ __all__ = [
     "Registry",
     "get_plugin_manager",
     "hookimpl",
+    "MethodRegister",
 ]

@@ -3,38 +3,138 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import json
 import re
+import sys
 import types
 import typing
 from typing import Any, ClassVar
 
+from tt_core.errors import ConfigError
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a config field's type hint (the shapes configs use)."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
+
+class _Mismatch(Exception):
+    """A JSON value does not fit a declared type."""
+
+
+def _from_json(value: Any, hint: Any) -> Any:
+    """``value``, read from JSON, as a field declared ``hint`` holds it; :class:`_Mismatch` if unfit.
+
+    Follows the declared type through ``X | None``, ``Optional``, ``Union``,
+    ``Literal``, ``Annotated`` and nested lists, tuples and dicts. What JSON
+    cannot keep comes back as declared: a tuple from a list, an ``int`` dict
+    key from its string, an ``Enum`` member from its value. A hint this does
+    not know (a class of the plugin's own) must be an instance of it.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return value
+    if origin is typing.Annotated:
+        return _from_json(value, args[0])
     if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arm) for arm in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        key, item = typing.get_args(hint) or (Any, Any)
-        return isinstance(value, dict) and all(
-            _matches(k, key) and _matches(v, item) for k, v in value.items()
-        )
+        for arm in args:
+            try:
+                return _from_json(value, arm)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if hint is None or hint is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin is typing.Literal:
+        for choice in args:  # 1 == True in Python, so the types must agree too
+            if value == choice and type(value) is type(choice):
+                return choice
+        raise _Mismatch
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        return [_from_json(item, args[0] if args else Any) for item in value]
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            return tuple(_from_json(item, args[0] if args else Any) for item in value)
+        if len(args) != len(value):
+            raise _Mismatch
+        return tuple(_from_json(item, arm) for item, arm in zip(value, args, strict=True))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        key_hint, item_hint = args or (Any, Any)
+        return {_key_from_json(key, key_hint): _from_json(item, item_hint) for key, item in value.items()}
     if hint is bool:
-        return isinstance(value, bool)
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True  # a hint this check does not know: the config's own validation decides
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if isinstance(hint, type) and issubclass(hint, enum.Enum) and not isinstance(value, hint):
+        try:
+            return hint(value)
+        except ValueError:
+            raise _Mismatch from None
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise _Mismatch
+    return value
+
+
+def _key_from_json(key: Any, hint: Any) -> Any:
+    """A dict key as declared; JSON wrote a non-string key (``3``, ``true``) as its JSON text."""
+    try:
+        return _from_json(key, hint)
+    except _Mismatch:
+        if not isinstance(key, str):
+            raise
+    try:
+        decoded = json.loads(key)
+    except ValueError:
+        raise _Mismatch from None
+    return _from_json(decoded, hint)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """The declared type of each dataclass field of ``cls``, resolved from its annotation.
+
+    A string annotation (``from __future__ import annotations``) naming
+    something the class's module does not hold (a class defined inside a
+    function) cannot be resolved: that field is left to the config's own
+    ``__post_init__``.
+    """
+    fields = dataclasses.fields(cls)
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        return {field.name: hints[field.name] for field in fields}
+    except Exception:  # NameError and the like: resolve field by field below
+        pass
+    module = sys.modules.get(cls.__module__)
+    namespace = {**vars(typing), **(vars(module) if module is not None else {})}
+    resolved = {}
+    for field in fields:
+        if not isinstance(field.type, str):
+            resolved[field.name] = field.type
+            continue
+        try:
+            # What typing.get_type_hints does with the class's own annotation text, one field at a time.
+            resolved[field.name] = eval(field.type, namespace)
+        except Exception:
+            continue
+    return resolved
+
+
+def _describe(hint: Any) -> str:
+    """``a list[str] | None``, ``an int``: the declared type as an error message names it."""
+    text = hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else repr(hint)
+    text = text.replace("typing.", "")
+    return f"{'an' if text[0].lower() in 'aeio' else 'a'} {text}"
 
 
 def check_target_modules(value: Any) -> list[str] | str | None:
@@ -81,26 +181,34 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        """Build a config from :meth:`to_dict` output; unknown keys are an error."""
+        """Build a config from :meth:`to_dict` output (or its JSON), checking each value against its field.
+
+        Unknown keys, and a value that does not fit the field's declared type,
+        are a :class:`~tt_core.errors.ConfigError` naming the key.
+        """
         data = {k: v for k, v in data.items() if k != "method"}
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"{cls.__name__} got unknown keys {unknown}; known keys are {sorted(names)}. "
                 "Was this adapter saved by a newer version of its plugin?"
             )
-        hints = typing.get_type_hints(cls)
+        declared = _field_types(cls)
+        values = {}
         for key, value in data.items():
-            if key in hints and not _matches(value, hints[key]):
-                raise ValueError(
-                    f"{cls.__name__} key {key!r} is {value!r}, which is not a {_describe(hints[key])}"
-                )
+            if key not in declared:
+                values[key] = value
+                continue
+            try:
+                values[key] = _from_json(value, declared[key])
+            except _Mismatch:
+                raise ConfigError(
+                    f"{cls.__name__} key {key!r} is {value!r}, which is not {_describe(declared[key])} "
+                    f"(the type of {cls.__name__}.{key}); give a value of that type, or save the adapter "
+                    "again with the installed version of its plugin"
+                ) from None
         try:
-            return cls(**data)
+            return cls(**values)
         except TypeError as error:  # a required field missing, say
-            raise ValueError(f"{cls.__name__}: {error}") from None
-
-
-def _describe(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ConfigError(f"{cls.__name__}: {error}") from None

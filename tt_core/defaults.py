@@ -7,15 +7,13 @@ and ``create_layer``.
 
 from __future__ import annotations
 
-import pluggy
 import torch
 from torch import nn
 
 from tt_core.config import AdapterConfig
+from tt_core.hookspecs import hookimpl
 from tt_core.layer import AdapterState
 from tt_core.targets import find_tied_modules, resolve_targets
-
-hookimpl = pluggy.HookimplMarker("tt_core")
 
 
 @hookimpl(trylast=True)

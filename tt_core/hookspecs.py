@@ -1,10 +1,11 @@
-"""The hook contract between tt_core and adapter-method plugins.
+"""The hook contract between tt_core and adapter-method plugins, and its two pluggy markers.
 
 A method plugin is a module or object with functions marked ``@tt_core.hookimpl``
-and named after the specs below. The core asks a method's hooks only of the
-plugin that registered that method, then of the core defaults
-(:mod:`tt_core.defaults`), so a plugin never sees another method's configs
-and implements only what differs from the defaults. Every hook except
+(the :data:`hookimpl` marker defined here) and named after the specs below.
+The core asks a method's hooks only of the plugin that registered that
+method, then of the core defaults (:mod:`tt_core.defaults`), so a plugin
+never sees another method's configs and implements only what differs from
+the defaults. Every hook except
 ``register_methods`` is ``firstresult``: the plugin's answer wins, ``None``
 falls through to the default.
 
@@ -33,7 +34,11 @@ if TYPE_CHECKING:
     from tt_core.layer import AdapterState
     from tt_core.plugins import MethodRegister
 
-hookspec = pluggy.HookspecMarker("tt_core")
+PROJECT_NAME = "tt_core"
+#: Marks the specs below.
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Marks a plugin's answers; exported as ``tt_core.hookimpl``.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec

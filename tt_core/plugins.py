@@ -4,8 +4,9 @@ Plugins come from the entry-point group ``tt_core.plugins`` (loaded with
 pluggy's own loader, which records each plugin's distribution) and from
 objects registered at run time (``get_plugin_manager().register(obj)``). Each
 plugin's ``register_methods`` hook is called once, when it is registered. A
-plugin that fails to import, registers a bad method, or claims a method name
-another plugin owns is reported by name with its error and skipped; set
+plugin that fails to import, implements a hook tt_core does not define (a
+misspelled name), registers a bad method, or claims a method name another
+plugin owns is reported by name with its error and skipped; set
 ``TT_STRICT_PLUGINS=1`` to turn that into an exception, and
 ``TT_DISABLE_PLUGINS=a,b`` to leave plugins out by name.
 
@@ -17,6 +18,7 @@ The core asks a method's hooks only of the plugin that registered the method
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.metadata
 import os
 import warnings
@@ -26,6 +28,7 @@ import pluggy
 
 from tt_core import defaults, hookspecs
 from tt_core.config import AdapterConfig
+from tt_core.errors import PluginError
 
 ENTRY_POINT_GROUP = "tt_core.plugins"
 DEFAULTS_NAME = "tt_core.defaults"
@@ -69,11 +72,12 @@ class PluginManager(pluggy.PluginManager):
     """pluggy's manager plus the method table and the list of failed plugins."""
 
     def __init__(self) -> None:
-        super().__init__("tt_core")
+        super().__init__(hookspecs.PROJECT_NAME)
         self.add_hookspecs(hookspecs)
         self.failures: list[tuple[str, str]] = []
         self._methods: dict[str, Method] = {}
         self._callers: dict[str, _MethodHooks] = {}
+        self._table: dict[str, Method] | None = None  # _methods with distributions, built on first use
         self.register(defaults, name=DEFAULTS_NAME)
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
@@ -82,14 +86,41 @@ class PluginManager(pluggy.PluginManager):
         if plugin_name is None:  # blocked
             return None
         try:
+            self._check_hook_names(plugin_name, plugin)
             methods = self._declared(plugin_name, plugin)
         except Exception:
             super().unregister(plugin)
             raise
         for method in methods:
             self._methods[method.name] = method
-        self._callers.clear()
+        self._forget_tables()
         return plugin_name
+
+    def _check_hook_names(self, plugin_name: str, plugin: object) -> None:
+        """pluggy's ``check_pending``, run as each plugin comes: a misspelled hook name is an error.
+
+        Every plugin registered before passed this check, so whatever it finds
+        belongs to ``plugin``.
+        """
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError:
+            unknown = sorted(
+                caller.name
+                for caller in self.get_hookcallers(plugin) or []
+                if not caller.has_spec()
+                and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls())
+            )
+            known = sorted(name for name, caller in vars(self.hook).items() if caller.has_spec())
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise PluginError(
+                f"plugin {plugin_name!r} implements {', '.join(hints)}, which is not a tt_core hook; "
+                f"rename it to one of {known}, or mark it @hookimpl(optionalhook=True) if it is meant "
+                "to be absent from this version of tt_core"
+            ) from None
 
     def _declared(self, plugin_name: str, plugin: object) -> list[Method]:
         register = MethodRegister(plugin_name)
@@ -109,10 +140,12 @@ class PluginManager(pluggy.PluginManager):
         return register.methods
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        """Unregister a plugin, given as the object or by name, and the methods it registered."""
+        if name is None and plugin is not None:
+            name = self.get_name(plugin)  # before pluggy forgets it
         removed = super().unregister(plugin, name)
-        plugin_name = name or (self.get_name(removed) if removed is not None else None)
-        self._methods = {key: m for key, m in self._methods.items() if m.plugin != plugin_name}
-        self._callers.clear()
+        self._methods = {key: m for key, m in self._methods.items() if m.plugin != name}
+        self._forget_tables()
         return removed
 
     def load_entry_points(self, strict: bool | None = None) -> None:
@@ -133,13 +166,14 @@ class PluginManager(pluggy.PluginManager):
                 continue
             try:
                 self.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry_point.name)
+                self._forget_tables()  # pluggy records the distribution after registering the plugin
             except Exception as error:
                 if self.get_plugin(entry_point.name) is not None:
                     self.unregister(name=entry_point.name)
                 message = f"{type(error).__name__}: {error}"
                 self.failures.append((entry_point.name, message))
                 if strict:
-                    raise RuntimeError(
+                    raise PluginError(
                         f"tt plugin {entry_point.name!r} ({entry_point.value}) failed: {message}"
                     ) from error
                 warnings.warn(
@@ -159,14 +193,24 @@ class PluginManager(pluggy.PluginManager):
         dist = self.distribution(plugin_name)
         return f" (package {dist[0]} {dist[1]})" if dist else ""
 
+    def _forget_tables(self) -> None:
+        """Drop what is derived from the registered plugins; called whenever one comes or goes."""
+        self._callers.clear()
+        self._table = None
+
     @property
     def methods(self) -> dict[str, Method]:
-        """Every registered method by name, with the package that provides it."""
-        table = {}
-        for name, method in self._methods.items():
-            dist = self.distribution(method.plugin) or (None, None)
-            table[name] = dataclasses.replace(method, distribution=dist[0], version=dist[1])
-        return table
+        """Every registered method by name, with the package that provides it (a copy)."""
+        if self._table is None:
+            dists = {
+                self.get_name(plugin): (dist.project_name, dist.version)
+                for plugin, dist in self.list_plugin_distinfo()
+            }
+            self._table = {}
+            for name, method in self._methods.items():
+                dist = dists.get(method.plugin, (None, None))
+                self._table[name] = dataclasses.replace(method, distribution=dist[0], version=dist[1])
+        return dict(self._table)
 
     def method_for(self, config: AdapterConfig) -> Method:
         """The registered method whose config class ``config`` is."""

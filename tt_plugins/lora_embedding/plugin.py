@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tt_core import hookimpl, peft_format
+from tt_core import MethodRegister, hookimpl, peft_format
 from tt_core.errors import ConfigError
-from tt_core.plugins import MethodRegister
 from tt_core.targets import find_tied_modules, input_embedding_name, named_base_modules
 from tt_plugins.lora_embedding.config import LoraEmbeddingConfig
 from tt_plugins.lora_embedding.layer import LoraEmbeddingLayer

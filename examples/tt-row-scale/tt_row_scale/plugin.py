@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tt_core import hookimpl
-from tt_core.plugins import MethodRegister
+from tt_core import MethodRegister, hookimpl
 from tt_row_scale.config import RowScaleConfig
 from tt_row_scale.layer import RowScaleLayer
 
