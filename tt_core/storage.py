@@ -37,7 +37,7 @@ from typing import Any
 import filelock
 
 from tt_core import manifest
-from tt_core.errors import MissingFiles, StorageError
+from tt_core.errors import MissingFiles, SavedFolderError, StorageError
 from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, FILENAME, Manifest
 
 LOCK_FILE = ".tt.lock"
@@ -359,7 +359,8 @@ def read_all(root: Path, adapter_name: str | None = None) -> tuple[Manifest, dic
                     folder, entry, read_files(folder, entry, listed_in, extra), listed_in
                 )
             return found, adapters
-        except ValueError:  # MissingFiles, or a snapshot seen half removed by a writer's garbage collection
+        except MissingFiles:  # files gone: a writer's garbage collection, seen whole or halfway
+            # Anything else (a bad hash, a stray file) no writer causes: it is reported at once.
             # Unchanged twice in a row: nobody is writing, the files are really gone or damaged. (Once is
             # not proof: writers saving A, B, A again put back the very bytes of the manifest read first.)
             if listed_in.read_bytes() == raw:
@@ -368,7 +369,7 @@ def read_all(root: Path, adapter_name: str | None = None) -> tuple[Manifest, dic
                 failed_unchanged = True
             else:
                 failed_unchanged = False
-    raise ValueError(f"{root} kept changing while it was read; try again when the writers are done")
+    raise SavedFolderError(f"{root} kept changing while it was read; try again when the writers are done")
 
 
 def _read_root(root: Path, adapter_name: str | None) -> SavedAdapter:

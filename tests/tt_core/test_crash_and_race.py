@@ -488,3 +488,53 @@ def test_loads_during_removals_return_the_adapter_or_say_it_was_removed(workers,
     with pytest.raises(ValueError, match="was removed"):
         registry.load(common.small_base(), "shared@1")
     assert registry.gc() == []  # every removal cleaned up after itself
+
+
+def _count_readings(monkeypatch) -> list[Any]:
+    """Every parse of a manifest.json from now on (a reader's retry reads the manifest again)."""
+    original, readings = manifest.parse, []
+    monkeypatch.setattr(manifest, "parse", lambda *args: readings.append(args) or original(*args))
+    return readings
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda folder: (folder / "adapter_model.safetensors").write_bytes(b"x"), "does not match the hash"),
+        (lambda folder: (folder / "notes.txt").write_text("hi"), "not listed: ['notes.txt']"),
+    ],
+    ids=["bad hash", "stray file"],
+)
+def test_damage_no_writer_causes_is_reported_at_the_first_reading(tmp_path, monkeypatch, damage, fragment):
+    """Only files gone (MissingFiles) can be a writer's clean-up; anything else is reported at once."""
+    _saver(tmp_path)(1.0)
+    (snapshot,) = (tmp_path / "shared").iterdir()
+    damage(snapshot)
+    readings = _count_readings(monkeypatch)
+    with pytest.raises(ValueError) as raised:
+        AdapterModel.from_pretrained(common.small_base(), tmp_path)
+    assert fragment in str(raised.value) and not isinstance(raised.value, storage.MissingFiles)
+    assert len(readings) == 1
+
+
+def test_a_registry_version_with_a_corrupt_manifest_or_file_is_reported_at_once(tmp_path, monkeypatch):
+    registry = Registry(tmp_path / "registry")
+    adapter_model = common.adapted(common.small_base(), "default")
+    for value in (1.0, 2.0):
+        common.fill(adapter_model, "default", value)
+        registry.publish(adapter_model, "shared")
+    (tmp_path / "registry" / "shared" / "1" / "manifest.json").write_text('{"format_version": 2,')
+    (snapshot,) = (tmp_path / "registry" / "shared" / "2" / "shared").iterdir()
+    (snapshot / "adapter_model.safetensors").write_bytes(b"x")
+    readings = _count_readings(monkeypatch)
+    with pytest.raises(ValueError, match=r"shared/1/manifest.json: is not valid JSON"):
+        registry.load(common.small_base(), "shared@1")
+    assert len(readings) == 1
+    readings.clear()
+    with pytest.raises(ValueError, match="does not match the hash"):
+        registry.load(common.small_base(), "shared@2")
+    assert len(readings) == 2  # info() reads the manifest, then the load reads it once
+    readings.clear()
+    problems = registry.verify()
+    assert len(problems) == 2 and "is not valid JSON" in problems[0] and "does not match the hash" in problems[1]
+    assert len(readings) <= 4, readings  # each version: info() once, and its files' reading once
