@@ -88,7 +88,7 @@ def write_file(path: Path, data: bytes) -> None:
         raise _failed("writing", path, error) from error
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Flush ``folder``'s entries (a rename into it) to the disk; a no-op where folders cannot be synced."""
     try:
         descriptor = os.open(folder, os.O_RDONLY)
@@ -154,7 +154,7 @@ def write_snapshot(root: Path, adapter: str, files: dict[str, bytes]) -> tuple[s
     try:
         for filename, data in files.items():
             write_file(temporary / filename, data)
-        _fsync_folder(temporary)
+        fsync_folder(temporary)
         if destination.exists():
             if _holds(destination, files):
                 return f"{adapter}/{name}", False  # the same content is already there, intact
@@ -164,7 +164,7 @@ def write_snapshot(root: Path, adapter: str, files: dict[str, bytes]) -> tuple[s
         except OSError as error:
             raise _failed("renaming into place", destination, error) from error
         try:
-            _fsync_folder(parent)
+            fsync_folder(parent)
         except OSError:
             remove(destination)  # not durable: the caller's rollback never saw it
             raise
@@ -288,7 +288,7 @@ def _after_switch(root: Path, old: Manifest | None, document: Manifest) -> list[
     """Flush the switch and remove what no manifest names; return what failed (never raises OSError)."""
     problems = []
     try:
-        _fsync_folder(root)
+        fsync_folder(root)
     except OSError as error:
         problems.append(f"{error} (after a power loss the folder may hold the previous save)")
     try:
