@@ -22,7 +22,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tt_core.errors import SavedFolderError
+from tt_core.errors import MissingFiles, SavedFolderError
 
 FILENAME = "manifest.json"
 ADAPTER_MANIFEST = "adapter_manifest.json"
@@ -161,11 +161,14 @@ def read_files(
     symbolic link. The bytes returned are the ones that were hashed, so what
     is parsed later is what was verified.
     """
-    if folder.is_symlink() or not folder.is_dir():
-        what = "a symbolic link" if folder.is_symlink() else "missing"
-        raise SavedFolderError(f"{folder} (listed in {listed_in}) is {what}; save the adapter again")
+    if folder.is_symlink():
+        raise SavedFolderError(f"{folder} (listed in {listed_in}) is a symbolic link; save the adapter again")
+    if not folder.is_dir():
+        raise MissingFiles(f"{folder} (listed in {listed_in}) is missing; save the adapter again")
     present = set()
     for child in folder.iterdir():
+        if not child.is_symlink() and not child.exists():
+            continue  # removed since the listing (a writer's clean-up): reported as missing below
         if child.is_symlink() or not child.is_file():
             raise SavedFolderError(
                 f"{child} is {'a symbolic link' if child.is_symlink() else 'not a plain file'}; an adapter "
@@ -175,7 +178,8 @@ def read_files(
     listed = set(entry["files"])
     if present - extra != listed:
         unlisted, missing = sorted(present - extra - listed), sorted(listed - present)
-        raise SavedFolderError(
+        # Files gone and nothing else: what a writer's clean-up leaves halfway, so a reader retries.
+        raise (MissingFiles if missing and not unlisted else SavedFolderError)(
             f"{folder} does not hold the files {listed_in} lists (not listed: {unlisted}, missing: "
             f"{missing}); remove stray files, or save the adapter again"
         )

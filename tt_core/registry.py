@@ -5,7 +5,7 @@ Layout (see docs/registry.md)::
     root/<name>/<version>/            one published version: a folder written like
                                       save_pretrained's, holding the adapter <name>
     root/<name>/<version>.removed     marks a removed version; numbers are never reused
-    root/.tt-tmp-*                    a publish in progress (or killed): ignored, removed by gc
+    root/.tt-tmp-*                    a publish or removal in progress (or killed): ignored, removed by gc
 
 A version appears by one atomic rename of a complete folder, under the
 registry's ``filelock`` lock (which also hands out the numbers), and
@@ -30,6 +30,7 @@ import platformdirs
 from torch import nn
 
 from tt_core import manifest, peft_format, serialization, storage
+from tt_core.errors import RegistryError, StorageError
 from tt_core.manifest import ADAPTER_MANIFEST
 from tt_core.model import AdapterModel, check_adapter_name
 
@@ -227,15 +228,24 @@ class Registry:
 
     # --------------------------------------------------------------- reading
     def _numbers(self, name: str, include_removed: bool = False) -> list[int]:
+        """The versions of ``name`` on disk: those not removed, or (``include_removed``) every number given.
+
+        A version with a ``.removed`` marker is removed, even while its folder
+        is still there (a removal that was killed, finished by remove() or gc()).
+        """
         folder = self.root / name
         if not folder.is_dir():
             return []
-        numbers = []
+        present, removed = set(), set()
         for child in folder.iterdir():
-            stem = child.name.removesuffix(_REMOVED) if include_removed else child.name
-            if _VERSION.fullmatch(stem) and (child.is_dir() or stem != child.name):
-                numbers.append(int(stem))
-        return sorted(numbers)
+            stem = child.name.removesuffix(_REMOVED)
+            if not _VERSION.fullmatch(stem):
+                continue
+            if stem != child.name:
+                removed.add(int(stem))
+            elif child.is_dir():
+                present.add(int(stem))
+        return sorted(present | removed) if include_removed else sorted(present - removed)
 
     def _packaged(self) -> dict[str, Published]:
         found = {}
@@ -403,30 +413,63 @@ class Registry:
 
     # -------------------------------------------------------------- removing
     def remove(self, spec: str) -> None:
-        """Remove one version (``"name@version"``); its number is never given out again."""
+        """Remove one version (``"name@version"``); its number is never given out again.
+
+        The ``.removed`` marker removes the version; moving its folder away and
+        deleting it follow. A removal killed in between is finished by the next
+        ``remove`` of that version or by :meth:`gc`.
+        """
         name, version = parse_spec(spec)
         if version is None:
-            raise ValueError(
+            raise RegistryError(
                 f"say which version of {name!r} to remove, e.g. {name}@1 (versions: {self.versions(name)})"
             )
         if name in self._packaged():
-            raise ValueError(
+            raise RegistryError(
                 f"{name!r} is provided read-only by {self._packaged()[name].source}; uninstall it instead"
             )
-        if not (self.root / name / str(version)).is_dir():
-            raise ValueError(
-                f"{name!r} has no version {version} in {self.root} (versions: {self.versions(name)})"
-            )
+        folder = self.root / name / str(version)
+        if not folder.is_dir():
+            raise self._no_version(name, version)
         with storage.locked(self.root):
-            folder = self.root / name / str(version)
             if not folder.is_dir():
-                raise ValueError(
-                    f"{name!r} has no version {version} in {self.root} (versions: {self.versions(name)})"
-                )
-            storage.write_file(self.root / name / f"{version}{_REMOVED}", b"")
-            doomed = storage.temporary_folder(self.root)
+                raise self._no_version(name, version)
+            marker = self.root / name / f"{version}{_REMOVED}"
+            if not marker.exists():  # else a killed removal of this version: finish it
+                storage.write_file(marker, b"")
+                storage.fsync_folder(marker.parent)
+            doomed = self._move_away(folder)
+        storage.remove(doomed)  # if this is cut short, gc() removes the rest
+
+    def _no_version(self, name: str, version: int) -> RegistryError:
+        return RegistryError(
+            f"{name!r} has no version {version} in {self.root} (versions: {self.versions(name)})"
+        )
+
+    def _move_away(self, folder: Path) -> Path:
+        """Rename a removed version's folder into a new temporary folder (lock held); return that."""
+        doomed = storage.temporary_folder(self.root)
+        try:
             os.rename(folder, doomed / "removed")
-        storage.remove(doomed)
+        except OSError as error:
+            storage.remove(doomed)
+            raise StorageError(
+                error.errno,
+                f"moving {folder} away failed ({error.strerror or error}); its version is removed already, "
+                "and gc() or removing it again finishes the job",
+            ) from error
+        return doomed
+
+    def _half_removed(self) -> list[Path]:
+        """Folders of versions whose ``.removed`` marker is written: removals killed before they finished."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for marker in sorted(self.root.glob(f"*/*{_REMOVED}")):
+            folder = marker.with_name(marker.name.removesuffix(_REMOVED))
+            if not marker.parent.name.startswith(".") and _VERSION.fullmatch(folder.name) and folder.is_dir():
+                found.append(folder)
+        return found
 
     def verify(self) -> list[str]:
         """Check every version's files and manifest; return one line per problem (empty when all is well)."""
@@ -441,17 +484,24 @@ class Registry:
                         serialization.read_config(adapter)
                 except (OSError, ValueError) as error:
                     problems.append(f"{spec}: {error}")
+        for folder in self._half_removed():
+            problems.append(
+                f"{folder.parent.name}@{folder.name}: its removal was interrupted and it is still on disk; "
+                "gc() (tt registry gc) finishes it"
+            )
         return problems
 
     def gc(self) -> list[Path]:
-        """Remove what killed publishes left behind; return what was removed."""
+        """Remove what killed publishes and removals left behind; return what was removed."""
         if not self.root.is_dir():
             return []
         with storage.locked(self.root):
             leftovers = sorted(self.root.glob(f"{storage.TEMPORARY_PREFIX}*"))
-            for path in leftovers:
+            unfinished = self._half_removed()
+            doomed = [self._move_away(folder) for folder in unfinished]
+            for path in leftovers + doomed:
                 storage.remove(path)
-        return leftovers
+        return [path for path in leftovers + unfinished if not os.path.lexists(path)]
 
     def list(self) -> list[Published]:
         """The newest version of every adapter."""

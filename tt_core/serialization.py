@@ -6,18 +6,23 @@ them and checks, before the model is touched, that what comes out fits it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
 
 from tt_core import manifest, storage
 from tt_core.config import AdapterConfig
+from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
 from tt_core.plugins import get_plugin_manager
 from tt_core.targets import named_base_modules
@@ -30,40 +35,143 @@ _FINGERPRINT_ROWS = 4096
 
 
 # ------------------------------------------------------------------ fingerprint
-def _rows_digest(weight: torch.Tensor, rows: int) -> str:
-    """SHA-256 of the first ``rows`` rows, as bfloat16 (so a float32 base and its bfloat16 copy agree)."""
+def _bfloat16_rows(weight: torch.Tensor, rows: int) -> np.ndarray:
+    """The first ``rows`` rows as bfloat16 bit patterns (so a float32 base and its bfloat16 copy agree)."""
     sample = weight.detach()[:rows].to(torch.bfloat16).cpu().contiguous()
-    return manifest.sha256(sample.view(torch.int16).numpy().tobytes())
+    return sample.view(torch.int16).numpy()
 
 
-def weight_fingerprint(weight: torch.Tensor, touched: torch.Tensor | None) -> dict[str, Any]:
+def _rows_digest(weight: torch.Tensor, rows: int) -> str:
+    """SHA-256 of the first ``rows`` rows, as bfloat16."""
+    return manifest.sha256(_bfloat16_rows(weight, rows).tobytes())
+
+
+def _fingerprint_rows(weight: torch.Tensor, touched: torch.Tensor | None) -> int:
+    rows = min(int(weight.shape[0]), _FINGERPRINT_ROWS)
+    if touched is not None and touched.numel():
+        rows = min(rows, int(touched.min()))
+    return rows
+
+
+def weight_fingerprint(
+    weight: torch.Tensor, touched: torch.Tensor | None, digest: str | None = None
+) -> dict[str, Any]:
     """What identifies the pretrained base of one adapted weight: a hash of its first rows.
 
     At most the first 4,096 rows (the cost stays flat in the vocabulary),
     and none from the first row the adapter replaces on: tokens added to a
     tokenizer sit at the end, and ``resize_token_embeddings`` fills their rows
     at random, so a fresh resized copy of the same base shares only the rows
-    before them.
+    before them. ``digest``: the hash of those rows, when ``weight`` is not
+    the base as it is (see :func:`base_fingerprint`).
     """
-    rows = min(int(weight.shape[0]), _FINGERPRINT_ROWS)
-    if touched is not None and touched.numel():
-        rows = min(rows, int(touched.min()))
+    rows = _fingerprint_rows(weight, touched)
     return {
         "shape": [int(size) for size in weight.shape],
         "dtype": str(weight.dtype).removeprefix("torch."),
         "rows": rows,
-        "sha256": _rows_digest(weight, rows),
+        "sha256": digest if digest is not None else _rows_digest(weight, rows),
     }
+
+
+@dataclasses.dataclass
+class _CleanRows:
+    """What a weight's fingerprinted rows were while no adapter was merged into it."""
+
+    digests: list[str]  # digests[r]: the SHA-256 of the first r rows as bfloat16
+    sums: torch.Tensor  # each row's sum (float64), to tell a base changed since from merge rounding
+    magnitudes: torch.Tensor  # each row's sum of absolute values (float64)
+
+    def describes(self, rows: torch.Tensor) -> bool:
+        """Whether ``rows`` (the first rows, unmerged again up to rounding) are still these."""
+        count = len(self.digests) - 1
+        if rows.shape[0] < count:
+            return False
+        sums = rows[:count].detach().to("cpu", torch.float64).sum(1)
+        return bool(((sums - self.sums).abs() <= 1e-4 * self.magnitudes + 1e-30).all())
+
+
+# Per weight (by identity, while it lives): its rows as last seen with nothing merged.
+_clean_rows: dict[int, tuple[weakref.ref[torch.Tensor], _CleanRows]] = {}
+
+
+def _remember_clean(weight: torch.Tensor) -> _CleanRows:
+    limit = min(int(weight.shape[0]), _FINGERPRINT_ROWS)
+    sample = _bfloat16_rows(weight, limit)
+    running = hashlib.sha256()
+    digests = [running.hexdigest()]
+    for row in sample:
+        running.update(row.tobytes())
+        digests.append(running.hexdigest())
+    values = weight.detach()[:limit].to("cpu", torch.float64)
+    clean = _CleanRows(digests, values.sum(1), values.abs().sum(1))
+    key = id(weight)
+
+    def forget(_: weakref.ref[torch.Tensor]) -> None:
+        _clean_rows.pop(key, None)
+
+    _clean_rows[key] = (weakref.ref(weight, forget), clean)
+    return clean
+
+
+def _recall_clean(weight: torch.Tensor) -> _CleanRows | None:
+    found = _clean_rows.get(id(weight))
+    return found[1] if found is not None and found[0]() is weight else None
+
+
+def _merged_states(model: nn.Module, site: _Site) -> list[AdapterState]:
+    """The adapters merged into the weight of ``site``, in the order the layer holds them."""
+    found: list[AdapterState] = []
+    for name in site.modules:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            for state in module.adapters.values():
+                if not isinstance(state, AdapterState) or state is site.state:
+                    continue
+                if state.merged and all(state is not seen for seen in found):
+                    found.append(state)
+    return found
+
+
+def _unmerged_digest(weight: torch.Tensor, merged: list[AdapterState], rows: int) -> str:
+    """The digest of the first ``rows`` rows of ``weight`` without the adapters ``merged`` into it.
+
+    Unmerging a copy gives them back up to rounding (an additive update
+    subtracted again), and a hash tells no rounding apart; so the digest comes
+    from the rows remembered while nothing was merged, once the unmerged copy
+    shows they are still those rows (the base did not change since).
+    """
+    copy = weight.detach().clone()
+    try:
+        for state in reversed(merged):
+            kept = dict(state._buffers)  # what the state keeps for its own unmerge (rows it replaced)
+            try:
+                state.unmerge_from(copy)
+            finally:
+                state._buffers.update(kept)
+    except NotImplementedError:  # a plugin that merges through its own hook: trust what was remembered
+        clean = _recall_clean(weight)
+        return clean.digests[rows] if clean is not None else _rows_digest(weight, rows)
+    clean = _recall_clean(weight)
+    if clean is not None and len(clean.digests) > rows and clean.describes(copy):
+        return clean.digests[rows]
+    return _rows_digest(copy, rows)
 
 
 def base_fingerprint(model: nn.Module, sites: list[_Site]) -> dict[str, Any]:
-    return {
-        "model": type(model).__name__,
-        "weights": {
-            site.modules[0]: weight_fingerprint(site.weight(model), site.state.touched_rows())
-            for site in sites
-        },
-    }
+    """The fingerprint of the base under ``sites``, as it is without the adapters merged into it.
+
+    Adapters merged into a weight are not part of its base: the hash is of
+    the rows with them unmerged (see :func:`_unmerged_digest`).
+    """
+    weights = {}
+    for site in sites:
+        weight, touched = site.weight(model), site.state.touched_rows()
+        rows = _fingerprint_rows(weight, touched)
+        merged = _merged_states(model, site)
+        digest = _unmerged_digest(weight, merged, rows) if merged else _remember_clean(weight).digests[rows]
+        weights[site.modules[0]] = weight_fingerprint(weight, touched, digest)
+    return {"model": type(model).__name__, "weights": weights}
 
 
 def base_mismatches(saved: dict[str, Any], model: nn.Module, where: Path) -> list[str]:

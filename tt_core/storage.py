@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import re
 import secrets
 import shutil
 import stat
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,16 @@ from typing import Any
 import filelock
 
 from tt_core import manifest
-from tt_core.errors import MissingFiles
+from tt_core.errors import MissingFiles, SavedFolderError, StorageError
 from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, FILENAME, Manifest
 
 LOCK_FILE = ".tt.lock"
 TEMPORARY_PREFIX = ".tt-tmp-"
 SNAPSHOT = re.compile(r"[0-9a-f]{16}")
 _READ_ATTEMPTS = 20
+# What fsync of a folder answers on file systems that cannot sync folders (some network ones):
+# nothing to do there, the server commits a rename itself.
+_FOLDER_SYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 @dataclasses.dataclass
@@ -67,35 +72,63 @@ def locked(root: Path) -> Iterator[None]:
         yield
 
 
+def _failed(step: str, path: Path, error: OSError) -> StorageError:
+    """A :class:`StorageError` naming the step, the path and the system's answer."""
+    return StorageError(error.errno, f"{step} {path} failed: {error.strerror or error}")
+
+
 def write_file(path: Path, data: bytes) -> None:
     """Write a new file (permissions from the umask) and flush it to the disk."""
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        with open(path, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise _failed("writing", path, error) from error
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename into it) to the disk; a no-op where folders cannot be synced."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        if error.errno in _FOLDER_SYNC_UNSUPPORTED:
+            return
+        raise _failed("flushing the folder", folder, error) from error
 
 
 def temporary_folder(root: Path) -> Path:
     """A new, empty folder in ``root`` that readers ignore and the next writer removes."""
     folder = root / f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}"
-    os.mkdir(folder)  # honours the umask, unlike tempfile.mkdtemp's 0700
+    try:
+        os.mkdir(folder)  # honours the umask, unlike tempfile.mkdtemp's 0700
+    except OSError as error:
+        raise _failed("creating the folder", folder, error) from error
     return folder
 
 
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
+def remove(path: Path) -> bool:
+    """Remove a file or a folder tree as far as the file system lets us; return whether it is gone.
+
+    Best effort, never raising: what is left is garbage the next writer removes.
+    """
+    if not os.path.lexists(path):
+        return True
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return not os.path.lexists(path)
 
 
 def snapshot_name(files: dict[str, bytes]) -> str:
@@ -106,28 +139,48 @@ def snapshot_name(files: dict[str, bytes]) -> str:
 def write_snapshot(root: Path, adapter: str, files: dict[str, bytes]) -> tuple[str, bool]:
     """Put ``files`` in place as ``root/adapter/<snapshot>``; return that path and whether it is new.
 
-    Call with the lock held.
+    Call with the lock held. On any failure nothing new is left in place.
     """
     name = snapshot_name(files)
     parent = root / adapter
     if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
         raise ValueError(f"{parent} exists and is not a folder; move it away, or save under another name")
-    parent.mkdir(exist_ok=True)
+    try:
+        parent.mkdir(exist_ok=True)
+    except OSError as error:
+        raise _failed("creating the folder", parent, error) from error
     destination = parent / name
     temporary = temporary_folder(root)
     try:
         for filename, data in files.items():
             write_file(temporary / filename, data)
-        _fsync_folder(temporary)
+        fsync_folder(temporary)
         if destination.exists():
             if _holds(destination, files):
                 return f"{adapter}/{name}", False  # the same content is already there, intact
-            os.rename(destination, temporary_folder(root) / "damaged")  # removed by collect_garbage
-        os.rename(temporary, destination)
-        _fsync_folder(parent)
+            _move_aside(root, destination)  # damaged: removed by collect_garbage
+        try:
+            os.rename(temporary, destination)
+        except OSError as error:
+            raise _failed("renaming into place", destination, error) from error
+        try:
+            fsync_folder(parent)
+        except OSError:
+            remove(destination)  # not durable: the caller's rollback never saw it
+            raise
         return f"{adapter}/{name}", True
     finally:
         remove(temporary)
+
+
+def _move_aside(root: Path, path: Path) -> None:
+    """Rename ``path`` into a new temporary folder, which the next garbage collection removes."""
+    holder = temporary_folder(root)
+    try:
+        os.rename(path, holder / "damaged")
+    except OSError as error:
+        remove(holder)
+        raise _failed("moving aside the damaged", path, error) from error
 
 
 def _holds(folder: Path, files: dict[str, bytes]) -> bool:
@@ -139,12 +192,24 @@ def _holds(folder: Path, files: dict[str, bytes]) -> bool:
 
 
 def write_manifest(root: Path, document: Manifest) -> None:
-    """Replace ``root/manifest.json`` atomically."""
+    """Replace ``root/manifest.json`` atomically: afterwards it holds ``document``, or the old bytes.
+
+    Raises only if the old manifest is still in place. The caller flushes
+    ``root`` afterwards (see :func:`save`).
+    """
+    data = document.to_json()
+    target = root / FILENAME
     temporary = root / f"{TEMPORARY_PREFIX}{secrets.token_hex(8)}.json"
     try:
-        write_file(temporary, document.to_json())
-        os.replace(temporary, root / FILENAME)
-        _fsync_folder(root)
+        write_file(temporary, data)
+        try:
+            os.replace(temporary, target)
+        except OSError as error:
+            # A replace that failed did not happen; a file system that says otherwise is checked.
+            with contextlib.suppress(OSError):
+                if target.read_bytes() == data:
+                    return
+            raise _failed("replacing", target, error) from error
     finally:
         remove(temporary)
 
@@ -160,31 +225,79 @@ def save(
 
     ``payloads[name]`` are the files of one adapter (its ``adapter_manifest.json``
     included); ``entries[name]`` its manifest entry, without ``path``.
+
+    Until the manifest switch, a failure removes what this save wrote and
+    raises a :class:`StorageError`: the folder holds its previous save. Once
+    the manifest is switched the save has happened: failing to flush the
+    folder or to remove old files afterwards is a warning, never a rollback.
     """
     if manifest.exists(root):
         manifest.read(root)  # refuses a newer or damaged folder before even the lock file is made in it
-    with locked(root):
-        old = manifest.read(root) if manifest.exists(root) else None  # refuses newer or damaged ones
-        created: list[Path] = []
-        new_folders = [root / name for name in payloads if not (root / name).exists()]
-        try:
-            adapters = dict(old.adapters) if old else {}
-            for name, files in payloads.items():
-                relative, new = write_snapshot(root, name, files)
-                if new:
-                    created.append(root / relative)
-                adapters[name] = {"path": relative, **entries[name]}
-            kept = old.extra if old else {}
-            document = Manifest(manifest.FORMAT_VERSION, adapters, active, {**kept, **(extra or {})})
-            write_manifest(root, document)
-        except BaseException:
-            for folder in created:
-                remove(folder)
-            for folder in new_folders:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # made by this save, and empty again
-            raise
-        collect_garbage(root, old, document)
+    try:
+        with locked(root):
+            document, old = _switch(root, payloads, entries, active, extra)
+            problems = _after_switch(root, old, document)
+    except OSError as error:  # from _switch (which removed what it wrote), or taking the lock
+        reason = error.strerror if isinstance(error, StorageError) else str(error)
+        raise StorageError(
+            error.errno,
+            f"saving into {root} failed, so it holds what it held before (its previous save, if any): "
+            f"{reason}. Check the disk (free space, permissions) and save again.",
+        ) from error
+    if problems:
+        warnings.warn(
+            f"saved into {root}: the new manifest is in place and loads, but "
+            + "; ".join(problems)
+            + ". Check the disk; the next save removes any old files left.",
+            stacklevel=3,
+        )
+
+
+def _switch(
+    root: Path,
+    payloads: dict[str, dict[str, bytes]],
+    entries: dict[str, dict[str, Any]],
+    active: list[str],
+    extra: dict[str, Any] | None,
+) -> tuple[Manifest, Manifest | None]:
+    """Write the snapshots and switch the manifest; on failure, remove what was written and raise."""
+    old = manifest.read(root) if manifest.exists(root) else None  # refuses newer or damaged ones
+    created: list[Path] = []
+    new_folders = [root / name for name in payloads if not (root / name).exists()]
+    try:
+        adapters = dict(old.adapters) if old else {}
+        for name, files in payloads.items():
+            relative, new = write_snapshot(root, name, files)
+            if new:
+                created.append(root / relative)
+            adapters[name] = {"path": relative, **entries[name]}
+        kept = old.extra if old else {}
+        document = Manifest(manifest.FORMAT_VERSION, adapters, active, {**kept, **(extra or {})})
+        write_manifest(root, document)
+    except BaseException:
+        for folder in created:
+            remove(folder)
+        for folder in new_folders:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # made by this save, and empty again
+        raise
+    return document, old
+
+
+def _after_switch(root: Path, old: Manifest | None, document: Manifest) -> list[str]:
+    """Flush the switch and remove what no manifest names; return what failed (never raises OSError)."""
+    problems = []
+    try:
+        fsync_folder(root)
+    except OSError as error:
+        problems.append(f"{error} (after a power loss the folder may hold the previous save)")
+    try:
+        left = [path for path in collect_garbage(root, old, document) if os.path.lexists(path)]
+    except OSError as error:
+        left = [Path(str(error.filename or root))]
+    if left:
+        problems.append(f"removing old files failed ({', '.join(map(str, left))})")
+    return problems
 
 
 def collect_garbage(root: Path, old: Manifest | None, new: Manifest) -> list[Path]:
@@ -246,7 +359,8 @@ def read_all(root: Path, adapter_name: str | None = None) -> tuple[Manifest, dic
                     folder, entry, read_files(folder, entry, listed_in, extra), listed_in
                 )
             return found, adapters
-        except ValueError:  # MissingFiles, or a snapshot seen half removed by a writer's garbage collection
+        except MissingFiles:  # files gone: a writer's garbage collection, seen whole or halfway
+            # Anything else (a bad hash, a stray file) no writer causes: it is reported at once.
             # Unchanged twice in a row: nobody is writing, the files are really gone or damaged. (Once is
             # not proof: writers saving A, B, A again put back the very bytes of the manifest read first.)
             if listed_in.read_bytes() == raw:
@@ -255,7 +369,7 @@ def read_all(root: Path, adapter_name: str | None = None) -> tuple[Manifest, dic
                 failed_unchanged = True
             else:
                 failed_unchanged = False
-    raise ValueError(f"{root} kept changing while it was read; try again when the writers are done")
+    raise SavedFolderError(f"{root} kept changing while it was read; try again when the writers are done")
 
 
 def _read_root(root: Path, adapter_name: str | None) -> SavedAdapter:

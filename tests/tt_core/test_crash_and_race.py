@@ -488,3 +488,125 @@ def test_loads_during_removals_return_the_adapter_or_say_it_was_removed(workers,
     with pytest.raises(ValueError, match="was removed"):
         registry.load(common.small_base(), "shared@1")
     assert registry.gc() == []  # every removal cleaned up after itself
+
+
+def _count_readings(monkeypatch) -> list[Any]:
+    """Every parse of a manifest.json from now on (a reader's retry reads the manifest again)."""
+    original, readings = manifest.parse, []
+    monkeypatch.setattr(manifest, "parse", lambda *args: readings.append(args) or original(*args))
+    return readings
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda folder: (folder / "adapter_model.safetensors").write_bytes(b"x"), "does not match the hash"),
+        (lambda folder: (folder / "notes.txt").write_text("hi"), "not listed: ['notes.txt']"),
+    ],
+    ids=["bad hash", "stray file"],
+)
+def test_damage_no_writer_causes_is_reported_at_the_first_reading(tmp_path, monkeypatch, damage, fragment):
+    """Only files gone (MissingFiles) can be a writer's clean-up; anything else is reported at once."""
+    _saver(tmp_path)(1.0)
+    (snapshot,) = (tmp_path / "shared").iterdir()
+    damage(snapshot)
+    readings = _count_readings(monkeypatch)
+    with pytest.raises(ValueError) as raised:
+        AdapterModel.from_pretrained(common.small_base(), tmp_path)
+    assert fragment in str(raised.value) and not isinstance(raised.value, storage.MissingFiles)
+    assert len(readings) == 1
+
+
+def test_a_registry_version_with_a_corrupt_manifest_or_file_is_reported_at_once(tmp_path, monkeypatch):
+    registry = Registry(tmp_path / "registry")
+    adapter_model = common.adapted(common.small_base(), "default")
+    for value in (1.0, 2.0):
+        common.fill(adapter_model, "default", value)
+        registry.publish(adapter_model, "shared")
+    (tmp_path / "registry" / "shared" / "1" / "manifest.json").write_text('{"format_version": 2,')
+    (snapshot,) = (tmp_path / "registry" / "shared" / "2" / "shared").iterdir()
+    (snapshot / "adapter_model.safetensors").write_bytes(b"x")
+    readings = _count_readings(monkeypatch)
+    with pytest.raises(ValueError, match=r"shared/1/manifest.json: is not valid JSON"):
+        registry.load(common.small_base(), "shared@1")
+    assert len(readings) == 1
+    readings.clear()
+    with pytest.raises(ValueError, match="does not match the hash"):
+        registry.load(common.small_base(), "shared@2")
+    assert len(readings) == 2  # info() reads the manifest, then the load reads it once
+    readings.clear()
+    problems = registry.verify()
+    assert len(problems) == 2, problems
+    assert "is not valid JSON" in problems[0] and "does not match the hash" in problems[1]
+    assert len(readings) <= 4, readings  # each version: info() once, and its files' reading once
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the removing child is forked from a worker")
+def test_a_remove_killed_at_each_step_is_finished_by_remove_or_gc(workers, tmp_path):
+    """SIGKILL a process removing a version just before each of its file-system steps, twice each.
+
+    Afterwards the version is listed whole or not at all; removing it again
+    (first round) or gc() (second round) finishes the job, verify() is clean,
+    nothing is left behind, and its number is never given out again.
+    """
+    worker, root = workers[0], tmp_path / "registry"
+    registry = Registry(root)
+    adapter_model = common.adapted(common.small_base(), "default")
+
+    def publish(value: float) -> int:
+        common.fill(adapter_model, "default", value)
+        return registry.publish(adapter_model, "shared")
+
+    def remove_killed(version: int, kill_at: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        child = worker.call("fork_remove", root=str(root), spec=f"shared@{version}", kill_at=kill_at)["child"]
+        worker.send("reap", pid=child)
+        messages = worker.collect("reply")
+        return messages[-1], messages[:-1]
+
+    kept = publish(0.5)  # a version nobody removes: it must stay intact throughout
+    status, messages = remove_killed(publish(1.0), -1)  # never killed: records the steps
+    assert status["code"] == 0, status
+    steps = messages[-1]["steps"]
+    assert any(step.startswith("open(xb)") for step in steps) and any(s.startswith("rename") for s in steps)
+
+    given = [kept, 2]
+    outcomes = {"still listed": 0, "half removed": 0, "moved away": 0}
+    for kill_at in range(len(steps)):
+        for finish in ("remove", "gc"):
+            version = publish(float(10 * kill_at + (finish == "gc")))
+            assert version not in given, f"version {version} given out twice"
+            given.append(version)
+            status, _ = remove_killed(version, kill_at)
+            assert status.get("signal") == "SIGKILL", (kill_at, status)
+            folder = root / "shared" / str(version)
+            listed = version in registry.versions("shared")
+            where = f"killed before step {kill_at} ({steps[kill_at]}), finished by {finish}"
+            if listed:
+                outcomes["still listed"] += 1
+                loaded = registry.load(common.small_base(), f"shared@{version}")
+                assert common.value_of(loaded, "shared") == float(10 * kill_at + (finish == "gc")), where
+            else:
+                outcomes["half removed" if folder.exists() else "moved away"] += 1
+                if folder.exists():
+                    (problem,) = registry.verify()
+                    assert problem.startswith(f"shared@{version}: its removal was interrupted"), problem
+                with pytest.raises(ValueError, match="was removed"):
+                    registry.load(common.small_base(), f"shared@{version}")
+            if finish == "gc":
+                registry.gc()
+                # A removal that had not begun (no marker yet) is not gc's to finish: the version stays.
+                assert (version in registry.versions("shared")) == listed, where
+            if listed or folder.exists():
+                registry.remove(f"shared@{version}")
+            else:
+                with pytest.raises(ValueError, match=f"'shared' has no version {version}"):
+                    registry.remove(f"shared@{version}")
+            registry.gc()
+            assert registry.gc() == [], where
+            assert version not in registry.versions("shared") and not folder.exists(), where
+            assert registry.verify() == [], where
+            assert sorted(root.glob(f"{storage.TEMPORARY_PREFIX}*")) == [], where
+            assert registry.versions("shared") == [kept], where
+    assert publish(9.0) == max(given) + 1
+    print(f"\n{len(steps)} steps of a remove, {2 * len(steps)} kills: {outcomes}")
+    assert outcomes["still listed"] and outcomes["moved away"], outcomes

@@ -21,6 +21,8 @@ from models import batch, build, logits
 from tt_core import AdapterLayer, AdapterModel, get_adapter_model
 from tt_core.cli import main as tt
 from tt_core.errors import TTError
+from tt_core.serialization import weight_fingerprint
+from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
 TOKENS = [10, 11, 12]
@@ -479,6 +481,78 @@ def test_new_tokens_trained_on_a_resized_model_load_onto_a_fresh_resized_copy(tm
         loaded = AdapterModel.from_pretrained(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(logits(loaded, inputs), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_new_tokens_added_while_a_lora_is_merged_load_onto_a_clean_resized_base(tmp_path, family):
+    """The fingerprint describes the base without the adapters merged into it (issue 17)."""
+    model = build(family)
+    model.resize_token_embeddings(130)
+    adapter_model = AdapterModel(model)
+    adapter_model.add_adapter("style", LoraEmbeddingConfig(r=4, lora_alpha=8, init_weights=False))
+    adapter_model.set_adapter("style")
+    adapter_model.merge_adapter()
+    adapter_model.add_adapter("tokens", TrainableTokensConfig(token_indices=[128, 129], init_weights=False))
+    adapter_model.save_pretrained(tmp_path, selected_adapters=["tokens"])
+
+    fresh = build(family)
+    torch.manual_seed(1)
+    fresh.resize_token_embeddings(130)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = AdapterModel.from_pretrained(fresh, tmp_path)  # strict
+    adapter_model.unmerge_adapter()
+    adapter_model.set_adapter("tokens")
+    inputs = batch(family, [128, 129])
+    columns = slice(None) if family == "llama_tied" else slice(0, 128)  # an untied head's new rows are random
+    with torch.no_grad():
+        expected = logits(adapter_model, inputs)[..., columns]
+        torch.testing.assert_close(logits(loaded, inputs)[..., columns], expected)
+
+
+class _Embedding(torch.nn.Module):
+    """A wide random embedding: 4,096 fingerprinted rows of 64 floats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(4200, 64)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.emb
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(input_ids)
+
+
+def test_the_fingerprint_under_a_merged_lora_is_the_clean_bases_bit_for_bit():
+    """Subtracting a merged LoRA again rounds; the fingerprint must not depend on that rounding."""
+    clean = weight_fingerprint(_Embedding().emb.weight, torch.tensor([4100]))
+    adapter_model = AdapterModel(_Embedding())
+    adapter_model.add_adapter("style", LoraEmbeddingConfig(r=8, lora_alpha=64, init_weights=False))
+    adapter_model.set_adapter("style")
+    adapter_model.merge_adapter()
+    adapter_model.add_adapter("tokens", TrainableTokensConfig(token_indices=[4100, 4101], init_weights=False))
+    assert adapter_model._records["tokens"].fingerprint["weights"]["emb"] == clean
+    # What the fingerprint would be if it were taken by subtracting the update again:
+    weight = adapter_model.model.emb.base_layer.weight.detach().clone()
+    adapter_model.model.emb.adapters["style"].unmerge_from(weight)
+    assert weight_fingerprint(weight, torch.tensor([4100])) != clean
+
+
+def test_a_base_changed_under_a_merged_lora_is_fingerprinted_as_changed():
+    """The rows remembered before the merge describe the base only while it stays the same."""
+    adapter_model = AdapterModel(_Embedding())
+    adapter_model.add_adapter("style", LoraEmbeddingConfig(r=8, lora_alpha=64, init_weights=False))
+    with torch.no_grad():
+        adapter_model.model.emb.base_layer.weight[:10] += 0.5  # another base, loaded in place, say
+    changed = weight_fingerprint(adapter_model.model.emb.base_layer.weight, torch.tensor([4100]))
+    adapter_model.set_adapter("style")
+    adapter_model.merge_adapter()
+    adapter_model.add_adapter("tokens", TrainableTokensConfig(token_indices=[4100, 4101], init_weights=False))
+    recorded = adapter_model._records["tokens"].fingerprint["weights"]["emb"]
+    assert recorded["sha256"] != weight_fingerprint(_Embedding().emb.weight, torch.tensor([4100]))["sha256"]
+    assert recorded["rows"] == changed["rows"] == 4096
 
 
 def test_a_float32_save_loads_onto_a_bfloat16_copy_of_its_base(saved):

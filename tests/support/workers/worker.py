@@ -28,11 +28,18 @@ Commands (``op``):
   over, alternating ``first`` and ``other`` (``count`` saves, 0 = until killed).
   The child prints ``{"kind": "begin", "value": v}`` before each save and
   ``{"kind": "end", "value": v, "seconds": s}`` after it. Answers the child's pid.
+- ``fork_remove``: fork a child that removes ``spec`` from the registry at
+  ``root``, killing itself with SIGKILL just before its file-system step number
+  ``kill_at`` (``mkdir``, ``open``, ``fsync``, ``rename``, ``replace``,
+  ``unlink``, ``rmdir`` of ``os``, or the ``open(path, "xb")`` that writes a
+  file). If it gets to the end it prints ``{"kind": "removed", "steps": [...]}``
+  (each step's name and path) and exits 0. Answers the child's pid.
 - ``reap``: wait for child ``pid``; answers its exit code or signal.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import random
@@ -49,7 +56,7 @@ torch.set_num_threads(1)
 
 import common  # noqa: E402  (this script's folder is on sys.path)
 
-from tt_core import AdapterModel  # noqa: E402
+from tt_core import AdapterModel, storage  # noqa: E402
 from tt_core.registry import Registry  # noqa: E402
 
 
@@ -176,6 +183,36 @@ def fork_saves(root: str, first: float, other: float, count: int) -> dict[str, A
     os._exit(0)
 
 
+KILLABLE_STEPS = ("mkdir", "open", "fsync", "rename", "replace", "unlink", "rmdir")
+
+
+def fork_remove(root: str, spec: str, kill_at: int) -> dict[str, Any]:
+    pid = os.fork()
+    if pid:
+        return {"child": pid}
+    try:  # the child: never returns into the command loop
+        steps: list[str] = []
+
+        def killing(name: str, real: Any) -> Any:
+            def step(*args: Any, **kwargs: Any) -> Any:
+                if len(steps) == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                steps.append(f"{name} {args[0] if args else ''}")
+                return real(*args, **kwargs)
+
+            return step
+
+        for name in KILLABLE_STEPS:
+            setattr(os, name, killing(name, getattr(os, name)))
+        storage.open = killing("open(xb)", builtins.open)  # type: ignore[attr-defined]
+        Registry(root).remove(spec)
+        emit({"kind": "removed", "steps": steps})
+    except BaseException:
+        emit({"kind": "child_error", "error": traceback.format_exc()})
+        os._exit(1)
+    os._exit(0)
+
+
 def reap(pid: int) -> dict[str, Any]:
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
@@ -190,6 +227,7 @@ COMMANDS = {
     "registry_load": registry_load,
     "remove": remove,
     "fork_saves": fork_saves,
+    "fork_remove": fork_remove,
     "reap": reap,
 }
 
