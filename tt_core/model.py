@@ -21,6 +21,7 @@ from torch import nn
 
 from tt_core import manifest, peft_format, per_sample, serialization, status, storage, training
 from tt_core.config import AdapterConfig
+from tt_core.errors import AdapterStateError
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.plugins import get_plugin_manager
 from tt_core.targets import find_tied_modules, named_base_modules
@@ -314,9 +315,9 @@ class AdapterModel(nn.Module):
             raise TypeError(f"adapter_name must be an adapter name, got {adapter_name!r}")
         self._check_known([adapter_name])
         self._refuse_while_disabled("delete_adapter")
-        merged = list(self._merged)
-        if adapter_name in merged:
-            self._unmerge_all()
+        merged = [name for name in self._merged if name != adapter_name]
+        if adapter_name in self._merged:  # unmerge it and whatever was merged after it
+            self._merge_exactly(self._merged[: self._merged.index(adapter_name)])
         for parent, child_name, wrapper in self._wrappers():
             if adapter_name in wrapper.adapters:
                 del wrapper.adapters[adapter_name]
@@ -331,9 +332,7 @@ class AdapterModel(nn.Module):
                 stacklevel=2,
             )
         self._activate(active)
-        for name in merged:
-            if name != adapter_name and name in active:
-                self._merge_one(name)
+        self._merge_exactly([name for name in merged if name in active])
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -354,8 +353,7 @@ class AdapterModel(nn.Module):
         finally:
             self._disabled = 0
             self._activate(active)
-            for name in merged:
-                self._merge_one(name)
+            self._merge_exactly(merged)
 
     def clear_inference_cache(self) -> None:
         """Forget every stack folded for calls without a gradient (see :mod:`tt_core.folded`).
@@ -448,7 +446,12 @@ class AdapterModel(nn.Module):
             )
 
     def _merge_one(self, name: str) -> None:
-        """Merge one adapter on every site, or on none."""
+        """Merge one adapter on every site, or on none; an adapter is never merged twice."""
+        if name in self._merged:
+            raise AdapterStateError(
+                f"adapter {name!r} is already merged (merged: {self._merged}); merging it again would apply "
+                "it twice. Nothing was changed."
+            )
         training.reshard_fsdp(self)  # FSDP2: write into the sharded weights it keeps, not a gathered copy
         hooks = self._method_hooks(name)
         done: list[_Site] = []
@@ -476,6 +479,16 @@ class AdapterModel(nn.Module):
     def _unmerge_all(self) -> None:
         while self._merged:
             self._unmerge_last()
+
+    def _merge_exactly(self, names: list[str]) -> None:
+        """Leave exactly ``names`` merged, in this order: unmerge down to the longest common
+        prefix of what is merged and ``names``, then merge the rest (all of it, or none)."""
+        keep = 0
+        while keep < min(len(names), len(self._merged)) and self._merged[keep] == names[keep]:
+            keep += 1
+        while len(self._merged) > keep:
+            self._unmerge_last()
+        self._merge_all_or_none(names[keep:])
 
     def _merge_all_or_none(self, names: list[str], progress: Callable[[int], Any] | None = None) -> None:
         count = len(self._merged)
@@ -543,7 +556,7 @@ class AdapterModel(nn.Module):
             with tqdm.tqdm(total=len(names), desc="merging", disable=not progressbar) as bar:
                 self._merge_all_or_none(names, bar.update)
         except BaseException:
-            self._merge_all_or_none(merged)
+            self._merge_exactly(merged)
             raise
         return self._unload()
 
