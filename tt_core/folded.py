@@ -140,15 +140,27 @@ class FoldedStack:
             output = torch.where(hit.unsqueeze(-1), F.embedding(position, self.rows), output)
         return output
 
-    def project(self, hidden: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """A head's logits, in place: the base ones, every low-rank change in one pass, the new columns."""
-        output = output.contiguous()
+    def project(self, hidden: torch.Tensor, output: torch.Tensor, writable: bool) -> torch.Tensor:
+        """A head's logits: the base ones ``output``, every low-rank change in one pass, the new columns.
+
+        ``writable``: whether ``output`` may be changed in place; else (a forward
+        hook may hold it) the first pass writes a new tensor.
+        """
+        fresh = writable and output.is_contiguous()
         if self.down is not None and self.up is not None:
             left = hidden.reshape(-1, hidden.shape[-1]).to(self.down.dtype) @ self.down
-            output.view(-1, output.shape[-1]).addmm_(left, self.up)
+            flat = output.reshape(-1, output.shape[-1])
+            if fresh:
+                flat.addmm_(left, self.up)
+            else:
+                output = torch.addmm(flat, left, self.up).view(output.shape)
+                fresh = True
         if self.ids is not None and self.rows is not None:
-            columns = F.linear(hidden, self.rows.to(hidden.dtype), self.bias)
-            output.index_copy_(-1, self.ids, columns.to(output.dtype))
+            columns = F.linear(hidden, self.rows.to(hidden.dtype), self.bias).to(output.dtype)
+            if fresh:
+                output.index_copy_(-1, self.ids, columns)
+            else:
+                output = output.index_copy(-1, self.ids, columns)
         return output
 
     def project_fused(
