@@ -222,3 +222,47 @@ def test_disable_adapter_freezes_inside_and_gives_back_each_flag_after():
         assert _requires_grad(ours, ["first", "second"]) == {"first": False, "second": False}
     # PEFT re-runs set_adapter here (first trains, second is frozen); the flags the user set stay
     assert _requires_grad(ours, ["first", "second"]) == {"first": False, "second": True}
+
+
+def _lora_with_token_rows() -> peft.LoraConfig:
+    return peft.LoraConfig(
+        target_modules=["embed_tokens"], trainable_token_indices={"lm_head": [5, 6]}, init_lora_weights=False
+    )
+
+
+def test_peft_serves_token_rows_per_sample_when_a_lora_carries_them_and_so_do_we(tmp_path):
+    # What docs/peft.md says of PEFT's adapter_names=: its TrainableTokensWrapper (the rows of
+    # LoraConfig(trainable_token_indices=...)) splits the batch by adapter, one name per sample.
+    theirs = peft.get_peft_model(build("llama"), _lora_with_token_rows())
+    theirs.add_adapter("b", _lora_with_token_rows())
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "trainable_tokens_delta" in name:
+                parameter.normal_()
+    theirs.eval()
+    inputs = batch("llama", [5, 6])
+    with torch.no_grad():
+        mixed = logits(theirs, {**inputs, "adapter_names": ["default", "b"]})
+        theirs.set_adapter("b")
+        assert torch.equal(mixed[1], logits(theirs, inputs)[1])  # sample 1 got b's token rows
+    theirs.save_pretrained(tmp_path)
+    ours = AdapterModel.from_pretrained(build("llama"), tmp_path)
+    stacks = [["default", "default_tokens"], ["b", "b_tokens"]]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, {**inputs, "adapter_names": stacks}), mixed)
+
+
+def test_peft_trainable_tokens_alone_ignore_adapter_names():
+    # docs/peft.md: a TRAINABLE_TOKENS model of peft 0.21 accepts adapter_names= and gives every
+    # sample the active adapter; ours serves each sample its own.
+    theirs = peft.get_peft_model(
+        build("llama"), peft.TrainableTokensConfig(token_indices=[5, 6], init_weights=False)
+    )
+    theirs.add_adapter("b", peft.TrainableTokensConfig(token_indices=[5, 6], init_weights=False))
+    theirs.eval()
+    inputs = batch("llama", [5, 6])
+    with torch.no_grad():
+        mixed = logits(theirs, {**inputs, "adapter_names": ["default", "b"]})
+        assert torch.equal(mixed, logits(theirs, inputs))  # "default" for both samples
+        theirs.set_adapter("b")
+        assert not torch.allclose(mixed[1], logits(theirs, inputs)[1])
