@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tt_core.errors import AdapterStateError
+
 if TYPE_CHECKING:
     from tt_core.layer import AdapterState
 
@@ -173,7 +175,11 @@ class FoldedStack:
         the logits are written once instead of written and then read and
         written again. The replaced columns follow.
         """
-        assert self.down is not None and self.up is not None
+        if self.down is None or self.up is None:
+            raise AdapterStateError(
+                "project_fused adds the base product into the low-rank change, and this folded stack has no "
+                "low-rank adapter; call project() instead"
+            )
         flat = hidden.reshape(-1, hidden.shape[-1])
         # The small products first, while their inputs are still in cache; the large one last.
         columns = None if self.rows is None else F.linear(flat, self.rows, self.bias)
