@@ -97,6 +97,11 @@ class TrainableTokensLayer(AdapterState):
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor) -> None:
         """Write the rows into ``weight``, keeping the base rows for :meth:`unmerge_from`."""
+        if self.base_rows is not None:  # a second merge would keep merged rows as the "base" ones
+            raise AdapterStateError(
+                f"these token rows ({self.token_indices.numel()} ids) are already merged into a weight; "
+                "unmerge_from it first. Nothing was changed."
+            )
         if is_dtensor(weight) or is_dtensor(self.trainable_tokens_rows):
             self._merge_sharded(weight)
             return
