@@ -139,3 +139,130 @@ def test_own_arguments_are_keyword_only():
     adapter_model = AdapterModel(build("llama"))
     with pytest.raises(TypeError):
         adapter_model.add_adapter("x", TrainableTokensConfig(token_indices=[5]), False)
+
+
+def _requires_grad(model: torch.nn.Module, names: list[str]) -> dict[str, bool]:
+    """Whether each adapter's parameters require a gradient (all of them must agree)."""
+    found: dict[str, set[bool]] = {name: set() for name in names}
+    for key, parameter in model.named_parameters():
+        for name in names:
+            # ours: ...adapters.<name>.trainable_tokens_rows; PEFT's: ...trainable_tokens_delta.<name>
+            if f".adapters.{name}." in key or key.endswith(f"trainable_tokens_delta.{name}"):
+                found[name].add(parameter.requires_grad)
+    assert all(len(flags) == 1 for flags in found.values()), found
+    return {name: flags.pop() for name, flags in found.items()}
+
+
+def test_set_adapter_and_set_requires_grad_set_requires_grad_as_peft_does(tmp_path):
+    ours = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5]))
+    theirs = peft.get_peft_model(build("llama"), peft.TrainableTokensConfig(token_indices=[5]))
+
+    def same(*names: str) -> dict[str, bool]:
+        flags = _requires_grad(ours, list(names))
+        assert flags == _requires_grad(theirs, list(names))
+        return flags
+
+    for model in (ours, theirs):
+        model.set_adapter("default", inference_mode=True)
+    assert same("default") == {"default": False}
+    for model in (ours, theirs):
+        model.set_adapter("default")  # inference_mode=False: trainable again
+    assert same("default") == {"default": True}
+
+    ours.add_adapter("second", TrainableTokensConfig(token_indices=[6]))
+    theirs.add_adapter("second", peft.TrainableTokensConfig(token_indices=[6]))
+    assert same("default", "second") == {"default": True, "second": False}
+    for model in (ours, theirs):
+        model.set_requires_grad("second")  # inactive, yet trainable at once
+    assert same("default", "second") == {"default": True, "second": True}
+    assert ours.active_adapters == theirs.active_adapters == ["default"]
+    for model in (ours, theirs):
+        model.set_requires_grad(["default", "second"], False)
+    assert same("default", "second") == {"default": False, "second": False}
+    for model in (ours, theirs):
+        model.set_adapter("second")  # the one activated trains; every other is frozen
+    assert same("default", "second") == {"default": False, "second": True}
+    for model in (ours, theirs):
+        model.set_requires_grad("default")
+        model.set_adapter("default", inference_mode=True)
+    assert same("default", "second") == {"default": False, "second": False}
+
+    ours.save_pretrained(tmp_path / "ours", selected_adapters=["second"], format="peft")
+    for model in (ours, theirs):  # is_trainable=True: ready to train at once, though inactive
+        model.load_adapter(str(tmp_path / "ours" / "second"), "third", is_trainable=True)
+    assert same("third") == {"third": True}
+    assert ours.active_adapters == theirs.active_adapters == ["default"]
+
+
+def test_an_adapter_loaded_for_inference_stays_frozen_until_set_requires_grad(tmp_path):
+    # The one deliberate difference (docs/peft.md): PEFT's set_adapter unfreezes it.
+    ours = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5]))
+    ours.save_pretrained(tmp_path)
+    ours.load_adapter(tmp_path, "loaded")
+    ours.set_adapter("loaded")
+    assert _requires_grad(ours, ["default", "loaded"]) == {"default": False, "loaded": False}
+    ours.set_requires_grad("loaded")
+    assert _requires_grad(ours, ["loaded"]) == {"loaded": True}
+    ours.set_adapter("default")
+    ours.set_adapter("loaded")  # no longer held for inference: activating trains it, as in PEFT
+    assert _requires_grad(ours, ["default", "loaded"]) == {"default": False, "loaded": True}
+    loaded = AdapterModel.from_pretrained(build("llama"), tmp_path)  # is_trainable=False
+    loaded.set_adapter("default")
+    assert _requires_grad(loaded, ["default"]) == {"default": False}
+
+
+def test_disable_adapter_freezes_inside_and_gives_back_each_flag_after():
+    ours = AdapterModel(build("llama"))
+    ours.add_adapter("first", TrainableTokensConfig(token_indices=[5]))
+    ours.add_adapter("second", TrainableTokensConfig(token_indices=[6]))
+    ours.set_adapter("first")
+    ours.set_requires_grad("first", False)
+    ours.set_requires_grad("second")
+    with ours.disable_adapter():
+        assert _requires_grad(ours, ["first", "second"]) == {"first": False, "second": False}
+    # PEFT re-runs set_adapter here (first trains, second is frozen); the flags the user set stay
+    assert _requires_grad(ours, ["first", "second"]) == {"first": False, "second": True}
+
+
+def _lora_with_token_rows() -> peft.LoraConfig:
+    return peft.LoraConfig(
+        target_modules=["embed_tokens"], trainable_token_indices={"lm_head": [5, 6]}, init_lora_weights=False
+    )
+
+
+def test_peft_serves_token_rows_per_sample_when_a_lora_carries_them_and_so_do_we(tmp_path):
+    # What docs/peft.md says of PEFT's adapter_names=: its TrainableTokensWrapper (the rows of
+    # LoraConfig(trainable_token_indices=...)) splits the batch by adapter, one name per sample.
+    theirs = peft.get_peft_model(build("llama"), _lora_with_token_rows())
+    theirs.add_adapter("b", _lora_with_token_rows())
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "trainable_tokens_delta" in name:
+                parameter.normal_()
+    theirs.eval()
+    inputs = batch("llama", [5, 6])
+    with torch.no_grad():
+        mixed = logits(theirs, {**inputs, "adapter_names": ["default", "b"]})
+        theirs.set_adapter("b")
+        assert torch.equal(mixed[1], logits(theirs, inputs)[1])  # sample 1 got b's token rows
+    theirs.save_pretrained(tmp_path)
+    ours = AdapterModel.from_pretrained(build("llama"), tmp_path)
+    stacks = [["default", "default_tokens"], ["b", "b_tokens"]]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, {**inputs, "adapter_names": stacks}), mixed)
+
+
+def test_peft_trainable_tokens_alone_ignore_adapter_names():
+    # docs/peft.md: a TRAINABLE_TOKENS model of peft 0.21 accepts adapter_names= and gives every
+    # sample the active adapter; ours serves each sample its own.
+    theirs = peft.get_peft_model(
+        build("llama"), peft.TrainableTokensConfig(token_indices=[5, 6], init_weights=False)
+    )
+    theirs.add_adapter("b", peft.TrainableTokensConfig(token_indices=[5, 6], init_weights=False))
+    theirs.eval()
+    inputs = batch("llama", [5, 6])
+    with torch.no_grad():
+        mixed = logits(theirs, {**inputs, "adapter_names": ["default", "b"]})
+        assert torch.equal(mixed, logits(theirs, inputs))  # "default" for both samples
+        theirs.set_adapter("b")
+        assert not torch.allclose(mixed[1], logits(theirs, inputs)[1])

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tt_core.errors import AdapterStateError
+
 if TYPE_CHECKING:
     from tt_core.layer import AdapterState
 
@@ -140,15 +142,27 @@ class FoldedStack:
             output = torch.where(hit.unsqueeze(-1), F.embedding(position, self.rows), output)
         return output
 
-    def project(self, hidden: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """A head's logits, in place: the base ones, every low-rank change in one pass, the new columns."""
-        output = output.contiguous()
+    def project(self, hidden: torch.Tensor, output: torch.Tensor, writable: bool) -> torch.Tensor:
+        """A head's logits: the base ones ``output``, every low-rank change in one pass, the new columns.
+
+        ``writable``: whether ``output`` may be changed in place; else (a forward
+        hook may hold it) the first pass writes a new tensor.
+        """
+        fresh = writable and output.is_contiguous()
         if self.down is not None and self.up is not None:
             left = hidden.reshape(-1, hidden.shape[-1]).to(self.down.dtype) @ self.down
-            output.view(-1, output.shape[-1]).addmm_(left, self.up)
+            flat = output.reshape(-1, output.shape[-1])
+            if fresh:
+                flat.addmm_(left, self.up)
+            else:
+                output = torch.addmm(flat, left, self.up).view(output.shape)
+                fresh = True
         if self.ids is not None and self.rows is not None:
-            columns = F.linear(hidden, self.rows.to(hidden.dtype), self.bias)
-            output.index_copy_(-1, self.ids, columns.to(output.dtype))
+            columns = F.linear(hidden, self.rows.to(hidden.dtype), self.bias).to(output.dtype)
+            if fresh:
+                output.index_copy_(-1, self.ids, columns)
+            else:
+                output = output.index_copy(-1, self.ids, columns)
         return output
 
     def project_fused(
@@ -161,7 +175,11 @@ class FoldedStack:
         the logits are written once instead of written and then read and
         written again. The replaced columns follow.
         """
-        assert self.down is not None and self.up is not None
+        if self.down is None or self.up is None:
+            raise AdapterStateError(
+                "project_fused adds the base product into the low-rank change, and this folded stack has no "
+                "low-rank adapter; call project() instead"
+            )
         flat = hidden.reshape(-1, hidden.shape[-1])
         # The small products first, while their inputs are still in cache; the large one last.
         columns = None if self.rows is None else F.linear(flat, self.rows, self.bias)

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from tt_core.folded import FoldedStack, stamp
 
@@ -21,7 +22,8 @@ class AppliedAdapters(list):
     (e.g. ``output.addmm_(...)`` inside an ``autograd.Function`` that marks it
     dirty) instead of copying a tokens x vocabulary tensor. False when an
     adapter that does not promise so (:attr:`AdapterState.keeps_output_writable`)
-    came before, or the base module is not a plain ``nn.Linear``; a plain
+    came before, or the base module is not a plain ``nn.Linear`` without hooks
+    (a forward hook may keep the output it was handed); a plain
     ``list`` passed by a caller means False too (see :func:`output_writable`).
     """
 
@@ -309,7 +311,7 @@ def replace_columns(
     ``previous``: the rows ``output``'s columns were computed with (only read
     when a gradient is needed). In place when ``writable`` (see
     :class:`AppliedAdapters`), else into a copy; the backward allocates
-    nothing tokens x vocabulary sized. No graph needed: in place.
+    nothing tokens x vocabulary sized.
     """
     needs_grad = torch.is_grad_enabled() and (
         output.requires_grad
@@ -318,8 +320,10 @@ def replace_columns(
         or (previous is not None and previous.requires_grad)
     )
     if not needs_grad:
-        columns = F.linear(hidden, rows.to(hidden.dtype), bias_columns)
-        return output.index_copy_(-1, token_indices, columns.to(output.dtype))
+        columns = F.linear(hidden, rows.to(hidden.dtype), bias_columns).to(output.dtype)
+        if not writable:  # something else may hold ``output`` (a forward hook, an earlier adapter)
+            return output.index_copy(-1, token_indices, columns)
+        return output.index_copy_(-1, token_indices, columns)
     if previous is None:
         raise ValueError("replace_columns needs the previous rows when a gradient is needed")
     if not writable:
@@ -344,10 +348,11 @@ def add_low_rank(
         output.requires_grad or left.requires_grad or right.requires_grad
     )
     if not needs_grad:
-        # No graph is recorded: the output is changed in place, as it always was.
-        output = output.contiguous()
-        output.view(-1, output.shape[-1]).addmm_(left, right)
-        return output
+        if writable and output.is_contiguous():
+            output.view(-1, output.shape[-1]).addmm_(left, right)
+            return output
+        # Something else may hold ``output``: one pass into a new tensor, as the in-place one costs.
+        return torch.addmm(output.reshape(-1, output.shape[-1]), left, right).view(output.shape)
     if not writable or not output.is_contiguous():
         output = output.clone(memory_format=torch.contiguous_format)
     return _AddLowRank.apply(output, left, right)
@@ -415,7 +420,10 @@ class AdapterLayer(nn.Module):
         if self.sample_plan is not None:  # adapter_names=: a stack per sample (tt_core/per_sample.py)
             from tt_core.per_sample import apply_plan
 
-            return apply_plan(self, self.sample_plan, x, self.base_layer(x, *args, **kwargs))
+            base_output, writable = self._writable_base_output(self.base_layer(x, *args, **kwargs))
+            if not writable:  # the plan writes in place; a hook may hold the base output
+                base_output = base_output.clone(memory_format=torch.contiguous_format)
+            return apply_plan(self, self.sample_plan, x, base_output)
         states: list[AdapterState] = []
         for name in self.active_adapters:
             state: AdapterState = self.adapters[name]  # type: ignore[assignment]
@@ -434,8 +442,8 @@ class AdapterLayer(nn.Module):
         if folded is not None and type(output) is torch.Tensor and output.dtype == folded.dtype:
             if self.is_embedding:
                 return folded.embed(x, output, self._plain_forward())
-            output, _ = self._writable_base_output(output)
-            return folded.project(x, output)
+            output, writable = self._writable_base_output(output)
+            return folded.project(x, output, writable)
         if self.is_embedding:
             for state in states:
                 output = state.embed(x, output, self.base_layer)
@@ -501,7 +509,8 @@ class AdapterLayer(nn.Module):
         return folded.project_fused(hidden, weight, bias)
 
     def _plain_forward(self) -> bool:
-        """Whether the base module runs its class's own forward, no hooks: its output is a fresh tensor."""
+        """Whether the base module runs its class's own forward, no hooks: its output is a fresh tensor
+        that nothing else holds, so it may be written in place."""
         base = self.base_layer
         plain = nn.Linear.forward if isinstance(base, nn.Linear) else nn.Embedding.forward
         return (
@@ -509,6 +518,8 @@ class AdapterLayer(nn.Module):
             and "forward" not in vars(base)
             and not base._forward_hooks
             and not base._forward_pre_hooks
+            and not _global_forward_hooks
+            and not _global_forward_pre_hooks
         )
 
     def _project(

@@ -21,6 +21,7 @@ from torch import nn
 
 from tt_core import manifest, peft_format, per_sample, serialization, status, storage, training
 from tt_core.config import AdapterConfig
+from tt_core.errors import AdapterStateError
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.plugins import get_plugin_manager
 from tt_core.targets import find_tied_modules, named_base_modules
@@ -73,7 +74,8 @@ class _Record:
 
     config: AdapterConfig
     sites: list[_Site]
-    trainable: bool
+    trainable: bool  # its parameters' requires_grad (outside disable_adapter(), which freezes every one)
+    for_inference: bool  # loaded with is_trainable=False: set_adapter() keeps it frozen
     fingerprint: dict[str, Any]  # of the base it was added to, written into saves
 
 
@@ -158,10 +160,12 @@ class AdapterModel(nn.Module):
     def add_adapter(
         self, adapter_name: str, peft_config: AdapterConfig, *, is_trainable: bool = True
     ) -> None:
-        """Add an inactive adapter; :meth:`set_adapter` activates it.
+        """Add an inactive, frozen adapter; :meth:`set_adapter` activates it.
 
         ``peft_config`` is the method's config (PEFT's name for the argument).
-        Nothing on the model changes unless every target accepts the config.
+        ``is_trainable=False`` holds it for inference: activating it does not
+        unfreeze it (:meth:`set_requires_grad` does). Nothing on the model
+        changes unless every target accepts the config.
         """
         check_adapter_name(adapter_name)
         config = peft_config
@@ -211,7 +215,7 @@ class AdapterModel(nn.Module):
                 self._wrapper(name).adapters[adapter_name] = site.state
             site.state.requires_grad_(False)
         fingerprint = serialization.base_fingerprint(self.model, sites)
-        self._records[adapter_name] = _Record(config, sites, is_trainable, fingerprint)
+        self._records[adapter_name] = _Record(config, sites, False, not is_trainable, fingerprint)
 
     def _wrapper(self, module_name: str) -> AdapterLayer:
         parent_name, _, child_name = module_name.rpartition(".")
@@ -257,8 +261,10 @@ class AdapterModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate these adapters, stacked in the given order; only they train.
 
-        ``inference_mode=True`` also freezes them. Unlike PEFT, activating never
-        unfreezes an adapter loaded for inference: use :meth:`set_requires_grad`.
+        As in PEFT, every other adapter is frozen, and these are made trainable
+        unless ``inference_mode=True`` (which freezes them too). Unlike PEFT,
+        an adapter loaded with ``is_trainable=False`` stays frozen: use
+        :meth:`set_requires_grad` to train it (docs/peft.md says why).
         """
         names = _names(adapter_name, "adapter_name")
         self._check_known(names)
@@ -270,20 +276,25 @@ class AdapterModel(nn.Module):
                 f"adapters {self._merged} are merged; unmerging them before switching", stacklevel=2
             )
             self._unmerge_all()
-        if inference_mode:
-            for name in names:
-                self._records[name].trainable = False
+        for name, record in self._records.items():
+            record.trainable = name in names and not inference_mode and not record.for_inference
         self._activate(names)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
-        """Make these adapters trainable (or frozen); an inactive one trains once activated."""
+        """Make these adapters' parameters require a gradient (or not) now, active or not, as PEFT does.
+
+        ``requires_grad=True`` also ends an adapter's hold for inference
+        (``is_trainable=False``), so later activations train it.
+        """
         names = _names(adapter_names)
         self._check_known(names)
         if not isinstance(requires_grad, bool):
             raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
         for name in names:
             self._records[name].trainable = requires_grad
-        self._activate(self._active)
+            if requires_grad:
+                self._records[name].for_inference = False
+        self._apply_requires_grad()
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -299,8 +310,11 @@ class AdapterModel(nn.Module):
         self._active = list(names)
         for _, _, wrapper in self._wrappers():
             wrapper.active_adapters = [name for name in names if name in wrapper.adapters]
-        for name, record in self._records.items():
-            train = name in names and record.trainable
+        self._apply_requires_grad()
+
+    def _apply_requires_grad(self) -> None:
+        for record in self._records.values():
+            train = record.trainable and not self._disabled
             for site in record.sites:
                 site.state.requires_grad_(train)
 
@@ -309,20 +323,23 @@ class AdapterModel(nn.Module):
 
         As in PEFT, deleting the only active adapter activates the first one
         left, with a warning; it never leaves the model silently adapter-free.
+        Deleting an active adapter then activates the ones left as
+        :meth:`set_adapter` would (they train, every other adapter is frozen).
         """
         if not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be an adapter name, got {adapter_name!r}")
         self._check_known([adapter_name])
         self._refuse_while_disabled("delete_adapter")
-        merged = list(self._merged)
-        if adapter_name in merged:
-            self._unmerge_all()
+        merged = [name for name in self._merged if name != adapter_name]
+        if adapter_name in self._merged:  # unmerge it and whatever was merged after it
+            self._merge_exactly(self._merged[: self._merged.index(adapter_name)])
         for parent, child_name, wrapper in self._wrappers():
             if adapter_name in wrapper.adapters:
                 del wrapper.adapters[adapter_name]
                 if not len(wrapper.adapters):
                     setattr(parent, child_name, wrapper.base_layer)
         del self._records[adapter_name]
+        was_active = adapter_name in self._active
         active = [name for name in self._active if name != adapter_name]
         if not active and adapter_name in self._active and self._records:
             active = [next(iter(self._records))]
@@ -330,10 +347,11 @@ class AdapterModel(nn.Module):
                 f"adapter {adapter_name!r} was active and is now deleted; {active[0]!r} is active now",
                 stacklevel=2,
             )
+        if was_active:  # PEFT calls set_adapter(those left active)
+            for name, record in self._records.items():
+                record.trainable = name in active and not record.for_inference
         self._activate(active)
-        for name in merged:
-            if name != adapter_name and name in active:
-                self._merge_one(name)
+        self._merge_exactly([name for name in merged if name in active])
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -347,15 +365,14 @@ class AdapterModel(nn.Module):
             return
         merged, active = list(self._merged), list(self._active)
         self._unmerge_all()
+        self._disabled = 1  # every adapter is frozen inside; each gets its requires_grad back after
         self._activate([])
-        self._disabled = 1
         try:
             yield
         finally:
             self._disabled = 0
             self._activate(active)
-            for name in merged:
-                self._merge_one(name)
+            self._merge_exactly(merged)
 
     def clear_inference_cache(self) -> None:
         """Forget every stack folded for calls without a gradient (see :mod:`tt_core.folded`).
@@ -448,7 +465,12 @@ class AdapterModel(nn.Module):
             )
 
     def _merge_one(self, name: str) -> None:
-        """Merge one adapter on every site, or on none."""
+        """Merge one adapter on every site, or on none; an adapter is never merged twice."""
+        if name in self._merged:
+            raise AdapterStateError(
+                f"adapter {name!r} is already merged (merged: {self._merged}); merging it again would apply "
+                "it twice. Nothing was changed."
+            )
         training.reshard_fsdp(self)  # FSDP2: write into the sharded weights it keeps, not a gathered copy
         hooks = self._method_hooks(name)
         done: list[_Site] = []
@@ -476,6 +498,16 @@ class AdapterModel(nn.Module):
     def _unmerge_all(self) -> None:
         while self._merged:
             self._unmerge_last()
+
+    def _merge_exactly(self, names: list[str]) -> None:
+        """Leave exactly ``names`` merged, in this order: unmerge down to the longest common
+        prefix of what is merged and ``names``, then merge the rest (all of it, or none)."""
+        keep = 0
+        while keep < min(len(names), len(self._merged)) and self._merged[keep] == names[keep]:
+            keep += 1
+        while len(self._merged) > keep:
+            self._unmerge_last()
+        self._merge_all_or_none(names[keep:])
 
     def _merge_all_or_none(self, names: list[str], progress: Callable[[int], Any] | None = None) -> None:
         count = len(self._merged)
@@ -543,7 +575,7 @@ class AdapterModel(nn.Module):
             with tqdm.tqdm(total=len(names), desc="merging", disable=not progressbar) as bar:
                 self._merge_all_or_none(names, bar.update)
         except BaseException:
-            self._merge_all_or_none(merged)
+            self._merge_exactly(merged)
             raise
         return self._unload()
 
@@ -695,6 +727,8 @@ class AdapterModel(nn.Module):
     ) -> None:
         """Load one saved adapter as ``adapter_name`` (inactive until :meth:`set_adapter`).
 
+        As in PEFT, ``is_trainable=True`` makes its parameters trainable at once,
+        and ``False`` loads it frozen, for inference (see :meth:`set_adapter`).
         ``model_id`` is a folder written by :meth:`save_pretrained` (the adapter
         called ``adapter_name``, or its only adapter) or one adapter's folder.
         Every file is checked against its hash, and the adapter's recorded base
@@ -703,14 +737,17 @@ class AdapterModel(nn.Module):
         ``trainable_token_indices`` loads as ``adapter_name`` and ``adapter_name + "_tokens"``.
         """
         if peft_format.is_peft_folder(model_id):
-            peft_format.load(self, model_id, adapter_name, is_trainable, strict)
-            return
-        if training.is_trainer_folder(model_id):  # a folder Trainer wrote (tt_core/training.py)
-            _, found = training.read_trainer_folder(model_id, adapter_name)
-            saved = next(iter(found.values()))
+            names = peft_format.load(self, model_id, adapter_name, is_trainable, strict)
         else:
-            saved = storage.read(Path(model_id), adapter_name)
-        serialization.load_adapter(self, saved, adapter_name, is_trainable=is_trainable, strict=strict)
+            if training.is_trainer_folder(model_id):  # a folder Trainer wrote (tt_core/training.py)
+                _, found = training.read_trainer_folder(model_id, adapter_name)
+                saved = next(iter(found.values()))
+            else:
+                saved = storage.read(Path(model_id), adapter_name)
+            serialization.load_adapter(self, saved, adapter_name, is_trainable=is_trainable, strict=strict)
+            names = [adapter_name]
+        if is_trainable:
+            self.set_requires_grad(names)
 
     # ------------------------------------------- Trainer, DDP, FSDP2 (tt_core/training.py)
     # transformers.Trainer saves and resumes any nn.Module through state_dict() and

@@ -59,7 +59,12 @@ def module_key(adapter_name: str, target: str, key: str) -> str:
 
 # ---------------------------------------------------------------- the extra state
 def describe(adapter_model: AdapterModel) -> dict[str, Any]:
-    """What the rows alone do not say: each adapter's config, base and targets, and the active stack."""
+    """What the rows alone do not say: each adapter's config, base and targets, and the active stack.
+
+    Nothing that a save and load changes (which adapters train is the caller's choice, not
+    state: ``is_trainable`` decides it on loading), so a loaded model's state_dict() equals
+    the saved one's, as PEFT's tests compare them.
+    """
     adapters: dict[str, Any] = {}
     for name, record in adapter_model._records.items():
         method = get_plugin_manager().method_for(record.config)
@@ -70,7 +75,6 @@ def describe(adapter_model: AdapterModel) -> dict[str, Any]:
         adapters[name] = {
             "config": _plain(record.config.to_dict()),
             "entry": entry,
-            "trainable": record.trainable,
             "targets": {
                 site.modules[0]: [int(n) for n in site.weight(adapter_model.model).shape]
                 for site in record.sites

@@ -7,7 +7,8 @@ the embedding), on the benchmark's random Llama. Timed, inference, no grad:
 * ``base``: the base model's forward on the whole batch (no adapter layer);
 * ``mixed``: the same batch with ``adapter_names=`` (one stack per sample);
 * ``groups``: the groups run one after another with ``set_adapter``;
-* ``peft``: PEFT's own ``adapter_names=`` where PEFT can (LoRA only, ``--mix lora``).
+* ``peft``: PEFT's own ``adapter_names=``, timed for ``--mix lora`` only (PEFT serves
+  token rows per sample only as part of a LoRA, ``trainable_token_indices``).
 
 and the same three for ``generate`` of ``--new-tokens`` tokens (greedy).
 Memory: the bytes of tensors each trainable-tokens adapter adds.

@@ -153,3 +153,23 @@ def test_a_manifest_pointing_outside_its_folder_is_refused(tmp_path):
     manifest_path.write_text(json.dumps(document))
     with pytest.raises(ValueError, match="outside its folder"):
         AdapterModel.from_pretrained(build("llama_tied"), tmp_path / "saved", adapter_name="tokens")
+
+
+def _assert_same_state_dict(ours: dict, theirs: dict) -> None:
+    assert list(ours) == list(theirs)
+    for key, tensor in ours.items():
+        assert torch.equal(tensor, theirs[key]), key
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+@pytest.mark.parametrize("frozen", [[], ["other"], ["tokens", "other"]])
+def test_the_state_dict_is_the_same_after_a_save_load_round_trip(tmp_path, is_trainable, frozen):
+    # As PEFT's own save/load tests compare them: whatever requires_grad says on either side.
+    adapter_model = _trained()
+    if frozen:
+        adapter_model.set_requires_grad(frozen, False)
+    adapter_model.save_pretrained(tmp_path)
+    loaded = AdapterModel.from_pretrained(build("llama_tied"), tmp_path, is_trainable=is_trainable)
+    _assert_same_state_dict(adapter_model.state_dict(), loaded.state_dict())
+    loaded.load_state_dict(adapter_model.state_dict())  # and each loads the other's
+    adapter_model.load_state_dict(loaded.state_dict())

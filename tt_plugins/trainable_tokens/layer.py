@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tt_core import AdapterState
+from tt_core.errors import AdapterStateError
 from tt_core.layer import embedding_scale, output_writable, replace_columns
 from tt_core.training import held_rows, is_dtensor
 
@@ -96,6 +97,11 @@ class TrainableTokensLayer(AdapterState):
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor) -> None:
         """Write the rows into ``weight``, keeping the base rows for :meth:`unmerge_from`."""
+        if self.base_rows is not None:  # a second merge would keep merged rows as the "base" ones
+            raise AdapterStateError(
+                f"these token rows ({self.token_indices.numel()} ids) are already merged into a weight; "
+                "unmerge_from it first. Nothing was changed."
+            )
         if is_dtensor(weight) or is_dtensor(self.trainable_tokens_rows):
             self._merge_sharded(weight)
             return
@@ -105,7 +111,12 @@ class TrainableTokensLayer(AdapterState):
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
         """Put the exact base rows back."""
-        assert self.base_rows is not None
+        if self.base_rows is None:
+            raise AdapterStateError(
+                f"these token rows ({self.token_indices.numel()} ids) are not merged into a weight, so "
+                "there are no base rows to put back; unmerge_from only undoes merge_into "
+                "(AdapterModel.unmerge_adapter() unmerges what merge_adapter() merged)"
+            )
         if is_dtensor(weight):
             local, positions, _ = held_rows(weight, self.token_indices)
             local.index_copy_(0, positions, self.base_rows)

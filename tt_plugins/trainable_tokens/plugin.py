@@ -67,7 +67,11 @@ def tie_handler(
 ) -> list[str]:
     tied = find_tied_modules(model, target_name)
     mine = config.indices_for(target_name)
-    assert mine is not None  # create_layer refused targets without ids
+    if mine is None:
+        raise ConfigError(
+            f"token_indices gives no ids for {target_name} (it names {list(config.token_indices)}); "
+            f"add an entry for {target_name}, or target only the modules it names"
+        )
     modules = dict(named_base_modules(model))
     for name in tied:
         theirs = config.indices_for(name) if isinstance(config.token_indices, dict) else mine

@@ -155,7 +155,11 @@ def _input_embedding(model: nn.Module) -> nn.Module:
 
 def _weight(module: nn.Module) -> torch.Tensor:
     weight = module.weight
-    assert isinstance(weight, torch.Tensor)
+    if not isinstance(weight, torch.Tensor):
+        raise ArgumentTypeError(
+            f"{type(module).__name__}.weight is {type(weight).__name__}, not a tensor; the model's "
+            "embeddings must hold a 2-d weight"
+        )
     return weight
 
 

@@ -157,3 +157,19 @@ def test_trainable_parameter_counts(capsys):
     assert adapter_model.get_nb_trainable_parameters() == (3 * 16, total + 3 * 16)
     adapter_model.print_trainable_parameters()
     assert f"trainable params: 48 || all params: {total + 48:,}" in capsys.readouterr().out
+
+
+def test_merging_rows_twice_is_refused_so_unmerge_still_gives_the_base_rows():
+    from tt_core.errors import AdapterStateError
+    from tt_plugins.trainable_tokens import TrainableTokensLayer
+
+    weight = torch.randn(16, 4)
+    base = weight.clone()
+    state = TrainableTokensLayer(weight, [3, 5], init_weights=False)
+    state.merge_into(weight)
+    merged = weight.clone()
+    with pytest.raises(AdapterStateError, match="already merged"):
+        state.merge_into(weight)
+    assert torch.equal(weight, merged)
+    state.unmerge_from(weight)
+    assert torch.equal(weight, base)
