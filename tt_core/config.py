@@ -150,14 +150,14 @@ def check_target_modules(value: Any) -> list[str] | str | None:
         try:
             re.compile(value)
         except re.error as error:
-            raise ValueError(
+            raise ConfigError(
                 f"target_modules={value!r} is a string, so it is read as a regular expression, and it is "
                 f"not a valid one ({error}); give a list of module names instead, e.g. ['embed_tokens']"
             ) from None
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(name, str) for name in value):
         return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-    raise ValueError(
+    raise ConfigError(
         f"target_modules must be None, a list of module names or a regular expression, got {value!r}"
     )
 

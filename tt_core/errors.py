@@ -22,8 +22,11 @@ class ArgumentTypeError(TTError, TypeError):
     """An argument has the wrong type (a string where a list is wanted, say)."""
 
 
-class AdapterStateError(TTError, ValueError):
-    """The call does not fit the model's state: an unknown adapter, a refused merge, a disabled block."""
+class AdapterStateError(TTError, ValueError, RuntimeError):
+    """The call does not fit the model's state: an unknown adapter, a refused merge, a disabled block.
+
+    Both a ``ValueError`` and a ``RuntimeError``: refusals of either kind were raised as one or the other.
+    """
 
 
 class PluginError(TTError, RuntimeError):

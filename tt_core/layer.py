@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from tt_core.errors import AdapterStateError, ConfigError
 from tt_core.folded import FoldedStack, stamp
 
 
@@ -325,7 +326,7 @@ def replace_columns(
             return output.index_copy(-1, token_indices, columns)
         return output.index_copy_(-1, token_indices, columns)
     if previous is None:
-        raise ValueError("replace_columns needs the previous rows when a gradient is needed")
+        raise AdapterStateError("replace_columns needs the previous rows when a gradient is needed")
     if not writable:
         output = output.clone()  # an earlier node may have saved it for its backward
     return _ReplaceColumns.apply(output, hidden, rows, bias_columns, previous, token_indices)
@@ -407,7 +408,7 @@ class AdapterLayer(nn.Module):
     def check_wrappable(name: str, base_layer: nn.Module) -> None:
         """Raise unless ``base_layer`` is a module kind the wrapper knows how to adapt."""
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
-            raise ValueError(
+            raise ConfigError(
                 f"{name} is a {type(base_layer).__name__}; tt-adapters wraps nn.Embedding and nn.Linear "
                 "modules only. Target the token embedding (or a head tied to it)."
             )

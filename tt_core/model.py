@@ -21,7 +21,7 @@ from torch import nn
 
 from tt_core import manifest, peft_format, per_sample, serialization, status, storage, training
 from tt_core.config import AdapterConfig
-from tt_core.errors import AdapterStateError
+from tt_core.errors import AdapterStateError, ArgumentTypeError, ConfigError, PluginError
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.plugins import get_plugin_manager
 from tt_core.targets import find_tied_modules, named_base_modules
@@ -36,17 +36,17 @@ _RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict()) if not name.st
 def check_adapter_name(adapter_name: object) -> str:
     """Return ``adapter_name`` if it is a valid adapter name, else raise a ValueError saying why."""
     if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
-        raise ValueError(
+        raise ConfigError(
             f"adapter name {adapter_name!r} must be letters, digits, '_' or '-' (ASCII only: it names a "
             "module key and a folder on disk), e.g. 'chat_markers'"
         )
     if len(adapter_name) > MAX_NAME_LENGTH:
-        raise ValueError(
+        raise ConfigError(
             f"adapter name {adapter_name[:20]}... is {len(adapter_name)} characters long; the limit is "
             f"{MAX_NAME_LENGTH}. Pick a shorter name."
         )
     if adapter_name in _RESERVED_NAMES:
-        raise ValueError(
+        raise ConfigError(
             f"adapter name {adapter_name!r} is taken by a PyTorch module attribute; pick another, "
             f"e.g. {adapter_name + '_adapter'!r}"
         )
@@ -85,7 +85,7 @@ def _names(value: object, argument: str = "adapter_names") -> list[str]:
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
         return list(value)
-    raise TypeError(f"{argument} must be an adapter name or a list of adapter names, got {value!r}")
+    raise ArgumentTypeError(f"{argument} must be an adapter name or a list of adapter names, got {value!r}")
 
 
 def _call_model(adapter_model: AdapterModel, *args: Any, **kwargs: Any) -> Any:
@@ -130,7 +130,7 @@ class AdapterModel(nn.Module):
         super().__init__()
         wrapped = [name for name, module in model.named_modules() if isinstance(module, AdapterLayer)]
         if wrapped:
-            raise ValueError(
+            raise AdapterStateError(
                 f"{type(model).__name__} already carries adapters (at {wrapped}) from another AdapterModel; "
                 "add adapters through that AdapterModel, or unload() it first"
             )
@@ -170,9 +170,11 @@ class AdapterModel(nn.Module):
         check_adapter_name(adapter_name)
         config = peft_config
         if not isinstance(config, AdapterConfig):
-            raise TypeError(f"config must be an adapter config (e.g. TrainableTokensConfig), got {config!r}")
+            raise ArgumentTypeError(
+                f"config must be an adapter config (e.g. TrainableTokensConfig), got {config!r}"
+            )
         if adapter_name in self._records:
-            raise ValueError(
+            raise AdapterStateError(
                 f"an adapter named {adapter_name!r} already exists (adapters: {self.adapters}); "
                 "pick another name or delete_adapter() it first"
             )
@@ -181,7 +183,7 @@ class AdapterModel(nn.Module):
         hooks = manager.hooks_for(manager.method_for(config).name)
         targets = hooks.detect_target(model=self.model, config=config)
         if not targets:
-            raise ValueError(f"no plugin found a module to adapt for method {config.method!r}")
+            raise PluginError(f"no plugin found a module to adapt for method {config.method!r}")
         modules = dict(named_base_modules(self.model))
         sites: list[_Site] = []
         covered: set[str] = set()
@@ -193,9 +195,9 @@ class AdapterModel(nn.Module):
                 config=config, adapter_name=adapter_name, target_name=target, base_layer=base_layer
             )
             if state is None:
-                raise ValueError(f"no plugin creates a {config.method!r} layer for {target!r}")
+                raise PluginError(f"no plugin creates a {config.method!r} layer for {target!r}")
             if not isinstance(state, AdapterState):
-                raise TypeError(
+                raise PluginError(
                     f"the create_layer hook of method {config.method!r} returned {type(state).__name__}, "
                     "not a tt_core.AdapterState"
                 )
@@ -246,14 +248,14 @@ class AdapterModel(nn.Module):
     def _check_known(self, names: list[str]) -> None:
         unknown = [name for name in names if not isinstance(name, str) or name not in self._records]
         if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; the model has {self.adapters}")
+            raise AdapterStateError(f"unknown adapter(s) {unknown}; the model has {self.adapters}")
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
-            raise ValueError(f"adapter(s) {repeated} named more than once in {names}")
+            raise AdapterStateError(f"adapter(s) {repeated} named more than once in {names}")
 
     def _refuse_while_disabled(self, verb: str) -> None:
         if self._disabled:
-            raise RuntimeError(
+            raise AdapterStateError(
                 f"{verb}() cannot run inside `with disable_adapter():`, which restores the adapters "
                 "and merges it found when the block ends; call it after the block"
             )
@@ -269,7 +271,7 @@ class AdapterModel(nn.Module):
         names = _names(adapter_name, "adapter_name")
         self._check_known(names)
         if not isinstance(inference_mode, bool):
-            raise TypeError(f"inference_mode must be True or False, got {inference_mode!r}")
+            raise ArgumentTypeError(f"inference_mode must be True or False, got {inference_mode!r}")
         self._refuse_while_disabled("set_adapter")
         if self._merged:
             warnings.warn(
@@ -289,7 +291,7 @@ class AdapterModel(nn.Module):
         names = _names(adapter_names)
         self._check_known(names)
         if not isinstance(requires_grad, bool):
-            raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
+            raise ArgumentTypeError(f"requires_grad must be True or False, got {requires_grad!r}")
         for name in names:
             self._records[name].trainable = requires_grad
             if requires_grad:
@@ -327,7 +329,7 @@ class AdapterModel(nn.Module):
         :meth:`set_adapter` would (they train, every other adapter is frozen).
         """
         if not isinstance(adapter_name, str):
-            raise TypeError(f"adapter_name must be an adapter name, got {adapter_name!r}")
+            raise ArgumentTypeError(f"adapter_name must be an adapter name, got {adapter_name!r}")
         self._check_known([adapter_name])
         self._refuse_while_disabled("delete_adapter")
         merged = [name for name in self._merged if name != adapter_name]
@@ -410,7 +412,7 @@ class AdapterModel(nn.Module):
                 for a, b, module in conflicts
             ]
             last = max(stack.index(name) for name in merge_order if name in stack)
-            raise ValueError(
+            raise AdapterStateError(
                 f"merging {merge_order} would change the outputs of the active stack {stack}: "
                 + "; ".join(lines)
                 + f". Merge a prefix of the stack instead, e.g. merge_adapter({stack[: last + 1]}), "
@@ -426,7 +428,7 @@ class AdapterModel(nn.Module):
         for name in names:
             for site in self._records[name].sites:
                 if site.declined:
-                    raise ValueError(
+                    raise AdapterStateError(
                         f"adapter {name!r} ({self._records[name].config.method}) adapts {site.modules} but "
                         f"not {site.declined}, which hold the same weight: merging it would change their "
                         "outputs too. Use it unmerged, or have the plugin's tie_handler share it with them. "
@@ -448,7 +450,7 @@ class AdapterModel(nn.Module):
                     applied.append((hooks, site, copy_))
                     if not bool(torch.isfinite(copy_).all()):
                         dtype = str(copy_.dtype).removeprefix("torch.")
-                        raise ValueError(
+                        raise AdapterStateError(
                             f"merging adapter {name!r} would write NaN or inf into {site.modules[0]}.weight "
                             f"({dtype}); safe_merge refused it and no weight was changed"
                         )
@@ -459,7 +461,7 @@ class AdapterModel(nn.Module):
     def _call_merge(self, hooks: Any, name: str, site: _Site, weight: torch.Tensor, unmerge: bool) -> None:
         if hooks.merge(state=site.state, weight=weight, unmerge=unmerge) is not True:
             verb = "unmerge" if unmerge else "merge"
-            raise RuntimeError(
+            raise PluginError(
                 f"the merge hook of {type(site.state).__name__} did not {verb} {site.modules[0]} (it must "
                 "return True once done)"
             )
@@ -534,7 +536,7 @@ class AdapterModel(nn.Module):
         self._refuse_while_disabled("merge_adapter")
         inactive = [name for name in names if name not in self._active]
         if inactive:
-            raise ValueError(
+            raise AdapterStateError(
                 f"adapter(s) {inactive} are not active (active stack: {self._active}); merging them "
                 "would change the outputs. Activate them with set_adapter() first, or use "
                 "merge_and_unload(adapter_names=...) to bake them into a plain model."
@@ -654,13 +656,13 @@ class AdapterModel(nn.Module):
         ``peft.PeftModel.from_pretrained`` loads instead (docs/peft.md).
         """
         if format not in ("tt", "peft"):
-            raise ValueError(f"format={format!r} is not one of 'tt' (tt-adapters' own) and 'peft' (PEFT's)")
+            raise ConfigError(f"format={format!r} is not one of 'tt' (tt-adapters' own) and 'peft' (PEFT's)")
         if safe_serialization is not True:
-            raise ValueError(
+            raise ConfigError(
                 "tt-adapters writes safetensors only (nothing is pickled); drop safe_serialization"
             )
         if save_embedding_layers not in ("auto", False):
-            raise ValueError(
+            raise ConfigError(
                 "save_embedding_layers=True would save the whole embedding; an adapter saves only its own "
                 "rows, which is all it needs. Leave it at 'auto'."
             )
@@ -784,14 +786,14 @@ class AdapterModel(nn.Module):
         missing = [key for key in expected if key not in state_dict]
         unexpected = [key for key in state_dict if key not in expected]
         if strict and (missing or unexpected):
-            raise RuntimeError(
+            raise AdapterStateError(
                 f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing[:5]}, "
                 f"unexpected keys {unexpected[:5]} ({len(missing)} and {len(unexpected)} in all). An "
                 "AdapterModel's state_dict() holds its adapters only; load base-model weights into "
                 "adapter_model.model"
             )
         if self._merged:
-            raise RuntimeError(
+            raise AdapterStateError(
                 f"adapters {self._merged} are merged into the base weights; unmerge_adapter() before "
                 "loading adapter rows, or the weights would keep the old ones"
             )

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tt_core.errors import AdapterStateError, ArgumentTypeError, ConfigError
+
 if TYPE_CHECKING:
     from tt_core.layer import AdapterLayer, AdapterState
     from tt_core.model import AdapterModel
@@ -79,7 +81,7 @@ class SamplePlan:
         if key not in self._groups:
             samples = self.batch_size
             if batch_size % samples:
-                raise ValueError(
+                raise ConfigError(
                     f"adapter_names has {samples} entries, but a layer got a batch of {batch_size}; "
                     "the model must keep the batch as the first dimension of its inputs"
                 )
@@ -98,29 +100,29 @@ class SamplePlan:
 def make_plan(adapter_model: AdapterModel, adapter_names: object, batch_size: int | None) -> SamplePlan:
     """Check ``adapter_names`` against the model and the batch; nothing is changed here."""
     if adapter_model.model.training:
-        raise RuntimeError(
+        raise AdapterStateError(
             "adapter_names= (an adapter stack per sample) is for inference; the model is training. "
             "Call model.eval() first, or train each adapter with set_adapter()"
         )
     if adapter_model.merged_adapters:
-        raise RuntimeError(
+        raise AdapterStateError(
             f"adapter_names= cannot run while adapters {adapter_model.merged_adapters} are merged into "
             "the base weights (every sample would get them); call unmerge_adapter() first"
         )
     if adapter_model._disabled:
-        raise RuntimeError("adapter_names= cannot run inside `with disable_adapter():`")
+        raise AdapterStateError("adapter_names= cannot run inside `with disable_adapter():`")
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"adapter_names must be a list with one entry per sample (a name, a list of names, or "
             f"{BASE!r}), got {adapter_names!r}"
         )
     if batch_size is not None and len(adapter_names) != batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} samples; "
             "give one entry per sample"
         )
     if not adapter_names:
-        raise ValueError("adapter_names is empty; give one entry per sample")
+        raise ConfigError("adapter_names is empty; give one entry per sample")
     known = set(adapter_model.adapters)
     stacks: list[tuple[str, ...]] = []
     position_of: dict[tuple[str, ...], int] = {}
@@ -139,18 +141,18 @@ def _stack(entry: object, sample: int, known: set[str]) -> tuple[str, ...]:
         return ()
     names = [entry] if isinstance(entry, str) else entry
     if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"adapter_names[{sample}] must be an adapter name, a list of names or {BASE!r}, got {entry!r}"
         )
     if BASE in names:
-        raise ValueError(f"adapter_names[{sample}] = {entry!r}: {BASE!r} stands alone, not in a stack")
+        raise ConfigError(f"adapter_names[{sample}] = {entry!r}: {BASE!r} stands alone, not in a stack")
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"adapter_names[{sample}]: unknown adapter(s) {unknown}; the model has {sorted(known)}"
         )
     if len(set(names)) != len(names):
-        raise ValueError(f"adapter_names[{sample}] = {entry!r} names an adapter more than once")
+        raise ConfigError(f"adapter_names[{sample}] = {entry!r} names an adapter more than once")
     return tuple(names)
 
 
@@ -171,7 +173,7 @@ def serving(adapter_model: AdapterModel, adapter_names: object, batch_size: int 
     plan = make_plan(adapter_model, adapter_names, batch_size)
     layers = [wrapper for _, _, wrapper in adapter_model._wrappers()]
     if any(layer.sample_plan is not None for layer in layers):
-        raise RuntimeError("adapter_names= calls do not nest")
+        raise AdapterStateError("adapter_names= calls do not nest")
     for layer in layers:
         layer.sample_plan = plan
     try:
@@ -200,7 +202,7 @@ def call_with_adapter_names(
 def apply_plan(layer: AdapterLayer, plan: SamplePlan, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """``output`` (the base output for the whole batch) with each sample's stack applied to its rows."""
     if x.dim() == 0 or output.dim() == 0:
-        raise ValueError(
+        raise ConfigError(
             "adapter_names= needs the batch as the first dimension of every adapted module's input"
         )
     for stack, rows in plan.groups(int(x.shape[0]), output.device):

@@ -28,7 +28,7 @@ import pluggy
 
 from tt_core import defaults, hookspecs
 from tt_core.config import AdapterConfig
-from tt_core.errors import PluginError
+from tt_core.errors import ArgumentTypeError, PluginError
 
 ENTRY_POINT_GROUP = "tt_core.plugins"
 DEFAULTS_NAME = "tt_core.defaults"
@@ -54,15 +54,17 @@ class MethodRegister:
 
     def __call__(self, config_class: type[AdapterConfig], *extra: Any) -> None:
         if extra:
-            raise TypeError(
+            raise ArgumentTypeError(
                 "register() takes only the config class; the method's name is its `method` class "
                 f"attribute (got register({config_class!r}, {', '.join(map(repr, extra))}))"
             )
         if not (isinstance(config_class, type) and issubclass(config_class, AdapterConfig)):
-            raise TypeError(f"register() needs a subclass of tt_core.AdapterConfig, got {config_class!r}")
+            raise ArgumentTypeError(
+                f"register() needs a subclass of tt_core.AdapterConfig, got {config_class!r}"
+            )
         name = config_class.method
         if not isinstance(name, str) or not name:
-            raise ValueError(
+            raise PluginError(
                 f"{config_class.__name__} must set the class attribute `method` to the method's name"
             )
         self.methods.append(Method(name, config_class, self.plugin_name))
@@ -129,14 +131,14 @@ class PluginManager(pluggy.PluginManager):
         for method in register.methods:
             owner = self._methods.get(method.name)
             if owner is not None:
-                raise ValueError(
+                raise PluginError(
                     f"method {method.name!r} is already provided by plugin {owner.plugin!r}"
                     f"{self._from(owner.plugin)}; uninstall one of them, or set "
                     f"TT_DISABLE_PLUGINS={plugin_name}"
                 )
         names = [method.name for method in register.methods]
         if len(set(names)) != len(names):
-            raise ValueError(f"plugin {plugin_name!r} registers a method name twice: {names}")
+            raise PluginError(f"plugin {plugin_name!r} registers a method name twice: {names}")
         return register.methods
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
@@ -216,7 +218,7 @@ class PluginManager(pluggy.PluginManager):
         """The registered method whose config class ``config`` is."""
         method = self.methods.get(getattr(config, "method", None))  # type: ignore[arg-type]
         if method is None or not isinstance(config, method.config_class):
-            raise ValueError(
+            raise PluginError(
                 f"no installed plugin provides adapter method {getattr(config, 'method', None)!r} "
                 f"(installed: {sorted(self._methods)}); install the plugin's package, "
                 "or register it with tt_core.get_plugin_manager().register(plugin)"
@@ -235,7 +237,7 @@ class PluginManager(pluggy.PluginManager):
         """Rebuild a saved config through the plugin that registered its method."""
         name = data.get("method")
         if name not in self._methods:
-            raise ValueError(
+            raise PluginError(
                 f"the saved adapter uses method {name!r}, which no installed plugin provides "
                 f"(installed: {sorted(self._methods)}); install the plugin that provides it"
             )

@@ -22,6 +22,7 @@ from torch import nn
 
 from tt_core import manifest, storage
 from tt_core.config import AdapterConfig
+from tt_core.errors import SavedFolderError
 from tt_core.layer import AdapterLayer, AdapterState
 from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
 from tt_core.plugins import get_plugin_manager
@@ -181,7 +182,7 @@ def base_mismatches(saved: dict[str, Any], model: nn.Module, where: Path) -> lis
         problems.append(f"it was trained on a {saved['model']}, this model is a {type(model).__name__}")
     weights = saved.get("weights")
     if not isinstance(weights, dict):
-        raise ValueError(
+        raise SavedFolderError(
             f"{where}: key 'base.weights' is {weights!r}; it must be an object. Save the adapter again."
         )
     modules = dict(named_base_modules(model))
@@ -190,7 +191,7 @@ def base_mismatches(saved: dict[str, Any], model: nn.Module, where: Path) -> lis
         try:
             rows, digest = int(recorded["rows"]), str(recorded["sha256"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(
+            raise SavedFolderError(
                 f"{where}: key 'base.weights[{target!r}]' is malformed ({recorded!r}); save the adapter again"
             ) from None
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] < rows:
@@ -253,7 +254,7 @@ def _parse_weights(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], di
         header_size = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
     except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ValueError(
+        raise SavedFolderError(
             f"{path} is not a valid safetensors file ({error}); save the adapter again"
         ) from None
     shapes: Any = {}
@@ -267,13 +268,13 @@ def _parse_weights(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], di
         for shape in shapes.values()
     )
     if not valid:
-        raise ValueError(
+        raise SavedFolderError(
             f"{path}: metadata key {SHAPES_KEY!r} is {metadata.get(SHAPES_KEY)!r}; it must map module names "
             "to [vocabulary, width]. Save the adapter again."
         )
     not_float = sorted(key for key, tensor in tensors.items() if not tensor.is_floating_point())
     if not_float:
-        raise ValueError(
+        raise SavedFolderError(
             f"{path} holds non-float tensors {not_float}; adapter weights are floats. Save it again."
         )
     return tensors, shapes
@@ -283,7 +284,7 @@ def read_config(saved: storage.SavedAdapter) -> AdapterConfig:
     path = saved.folder / CONFIG_FILE
     data = manifest.load_json_object(path, saved.files[CONFIG_FILE])
     if data.get("method") != saved.entry["method"]:
-        raise ValueError(
+        raise SavedFolderError(
             f"{path}: key 'method' is {data.get('method')!r} but {saved.listed_in} says "
             f"{saved.entry['method']!r}; save the adapter again"
         )
@@ -291,14 +292,14 @@ def read_config(saved: storage.SavedAdapter) -> AdapterConfig:
     if data["method"] not in manager.methods:
         package = saved.entry.get("distribution")
         hint = f"pip install {package}" if package else "install the plugin that provides it"
-        raise ValueError(
+        raise SavedFolderError(
             f"{path}: the adapter uses method {data['method']!r}, which no installed plugin provides "
             f"(installed: {sorted(manager.methods)}); {hint}"
         )
     try:
         return manager.config_from_dict(data)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise SavedFolderError(f"{path}: {error}") from None
 
 
 def load_adapter(
@@ -316,7 +317,7 @@ def load_adapter(
         weight = getattr(modules.get(target), "weight", None)
         if weight is None or list(weight.shape) != shape:
             have = "missing" if weight is None else f"of shape {tuple(weight.shape)}"
-            raise ValueError(
+            raise SavedFolderError(
                 f"adapter {adapter_name!r} in {saved.folder} was saved for {target} of shape {tuple(shape)} "
                 f"(vocabulary {shape[0]}, width {shape[1]}), but this model's is {have}. Load it onto "
                 "the base model it was trained with (resize_token_embeddings to its tokenizer first)."
@@ -324,7 +325,7 @@ def load_adapter(
     if "base" in saved.entry:
         problems = base_mismatches(saved.entry["base"], adapter_model.model, saved.listed_in)
         if problems and strict:
-            raise ValueError(
+            raise SavedFolderError(
                 f"adapter {adapter_name!r} in {saved.folder} was trained on another base model: "
                 + "; ".join(problems)
                 + ". Load it onto that base (unmerged), or pass strict=False to load it anyway."
@@ -346,7 +347,7 @@ def _fill(adapter_model: AdapterModel, name: str, tensors: dict[str, torch.Tenso
             expected[f"{site.modules[0]}.{key}"] = tensor.shape
     unexpected, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
     if unexpected or missing:
-        raise ValueError(
+        raise SavedFolderError(
             f"{path} does not hold what this adapter needs (unexpected tensors: {unexpected}; missing: "
             f"{missing}); was it saved for another model or method version?"
         )
@@ -356,7 +357,7 @@ def _fill(adapter_model: AdapterModel, name: str, tensors: dict[str, torch.Tenso
         if t.shape != expected[k]
     ]
     if wrong:
-        raise ValueError(f"{path} holds tensors of the wrong shape: {wrong}; save the adapter again")
+        raise SavedFolderError(f"{path} holds tensors of the wrong shape: {wrong}; save the adapter again")
     for site in adapter_model._records[name].sites:
         prefix = f"{site.modules[0]}."
         state_dict = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -37,7 +37,7 @@ from typing import Any
 import filelock
 
 from tt_core import manifest
-from tt_core.errors import MissingFiles, SavedFolderError, StorageError
+from tt_core.errors import ConfigError, MissingFiles, SavedFolderError, StorageError
 from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, FILENAME, Manifest
 
 LOCK_FILE = ".tt.lock"
@@ -144,7 +144,7 @@ def write_snapshot(root: Path, adapter: str, files: dict[str, bytes]) -> tuple[s
     name = snapshot_name(files)
     parent = root / adapter
     if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
-        raise ValueError(f"{parent} exists and is not a folder; move it away, or save under another name")
+        raise ConfigError(f"{parent} exists and is not a folder; move it away, or save under another name")
     try:
         parent.mkdir(exist_ok=True)
     except OSError as error:
@@ -332,7 +332,7 @@ def _pick(root: Path, found: Manifest, adapter_name: str | None) -> str:
         return adapter_name
     if len(found.adapters) == 1:
         return next(iter(found.adapters))
-    raise ValueError(
+    raise SavedFolderError(
         f"{root} holds adapters {sorted(found.adapters)}, not {adapter_name!r}; pass one of those names"
     )
 
@@ -413,10 +413,10 @@ def read(path: Path, adapter_name: str | None = None) -> SavedAdapter:
             if entry["path"] == path.name or entry["path"].startswith(f"{path.name}/"):
                 return _read_root(parent, name)
     if (path / CONFIG_FILE).is_file():
-        raise ValueError(
+        raise SavedFolderError(
             f"{path} has no {ADAPTER_MANIFEST} and no {FILENAME} beside it lists it, so its files cannot be "
             "checked; load the folder save_pretrained() wrote, or save the adapter again"
         )
-    raise ValueError(
+    raise SavedFolderError(
         f"{path} holds neither {FILENAME} nor {CONFIG_FILE}; pass a folder written by save_pretrained()"
     )

@@ -30,6 +30,11 @@ The checks (each named in :data:`CHECKS`):
 ``gradients``
     Only the active adapter's parameters get gradients, equal to those of the
     hand-folded reference; base weights and inactive adapters get ``None``.
+``forward_hooks``
+    An output handed to a forward hook (on an adapted module, or on the base
+    module inside it) is never changed after the hook ran, on every forward
+    path: eval and training, with and without a gradient, alone and in
+    stacks. Write in place only where ``output_writable(earlier)`` allows it.
 ``merge``
     ``merge_adapter`` writes ``fold`` into the weight, ``unmerge_adapter``
     puts it back, ``merge_and_unload`` gives a plain model keeping its ties,
@@ -99,7 +104,16 @@ BadConfig = AdapterConfig | Callable[[int], AdapterConfig]
 #: The tiny models every check runs on.
 FAMILIES = ("llama", "llama_tied", "bert")
 #: The checks, in the order :func:`check_method` runs them.
-CHECKS = ("outputs", "stacks", "gradients", "merge", "save_load", "bad_configs", "per_call_work")
+CHECKS = (
+    "outputs",
+    "stacks",
+    "gradients",
+    "forward_hooks",
+    "merge",
+    "save_load",
+    "bad_configs",
+    "per_call_work",
+)
 
 VOCAB, WIDTH = 128, 16
 # per_call_work: big enough that tokens x vocabulary stays far below vocabulary x width
@@ -414,6 +428,43 @@ def check_gradients(family: str, make_config: ConfigFactory, fold: Fold) -> None
             assert parameter.grad is None, f"{family}: base parameter {name} got a gradient"
 
 
+def check_forward_hooks(family: str, make_config: ConfigFactory, fold: Fold) -> None:
+    case = _Case(family, make_config, fold)
+    kept: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def keeper(name: str) -> Callable[..., None]:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                kept.append((name, output, output.detach().clone()))
+
+        return keep
+
+    handles = []
+    for name, module in case.model.model.named_modules():
+        if isinstance(module, AdapterLayer):
+            handles.append(module.register_forward_hook(keeper(name)))
+            handles.append(module.base_layer.register_forward_hook(keeper(f"{name}.base_layer")))
+    try:
+        for stack in case.stacks():
+            case.model.set_adapter(stack)
+            for training, grad in [(False, False), (True, False), (True, True)]:
+                kept.clear()
+                case.model.train(training)
+                with torch.set_grad_enabled(grad):
+                    _logits(case.model, case.inputs)
+                assert kept, f"{family}: no forward hook ran"
+                for name, output, clone in kept:
+                    assert torch.equal(output.detach(), clone), (
+                        f"{family}, stack {stack}, training={training}, grad={grad}: the output handed to "
+                        f"{name}'s forward hook changed after the hook ran; write in place only where "
+                        "tt_core.layer.output_writable(earlier) says nothing else holds the tensor"
+                    )
+    finally:
+        for handle in handles:
+            handle.remove()
+        case.model.eval()
+
+
 def check_merge(family: str, make_config: ConfigFactory, fold: Fold) -> None:
     case = _Case(family, make_config, fold)
     model = case.model
@@ -622,6 +673,7 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "outputs": check_outputs,
     "stacks": check_stacks,
     "gradients": check_gradients,
+    "forward_hooks": check_forward_hooks,
     "merge": check_merge,
     "save_load": check_save_load,
     "per_call_work": check_per_call_work,

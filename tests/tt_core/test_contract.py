@@ -18,6 +18,7 @@ from torch import nn
 
 import tt_core
 from tt_core import AdapterConfig, AdapterModel, AdapterState, get_adapter_model, hookimpl
+from tt_core.errors import PluginError
 from tt_core.plugins import PluginManager
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
@@ -145,7 +146,7 @@ def test_a_plugin_answering_for_every_config_cannot_take_over_another_method(reg
         torch.testing.assert_close(logits(adapter_model, inputs), expected, atol=1e-5, rtol=1e-5)
     assert adapter_model.merged_adapters == ["default"]
     # Its own config gets its own (useless) answers, and a clear error.
-    with pytest.raises(ValueError, match="no plugin found a module to adapt for method 'rogue'"):
+    with pytest.raises(PluginError, match="no plugin found a module to adapt for method 'rogue'"):
         adapter_model.add_adapter("mine", RogueConfig())
 
 

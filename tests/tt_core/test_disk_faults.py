@@ -20,7 +20,7 @@ from models import batch, build, logits
 
 from tt_core import AdapterLayer, AdapterModel, get_adapter_model
 from tt_core.cli import main as tt
-from tt_core.errors import TTError
+from tt_core.errors import SavedFolderError
 from tt_core.serialization import weight_fingerprint
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
@@ -92,11 +92,11 @@ def assert_untouched(model, before):
 
 
 def refused(call, *fragments):
-    """``call()`` must raise a plain ValueError whose message holds every fragment."""
+    """``call()`` must raise a SavedFolderError (a ValueError) whose message holds every fragment."""
     with pytest.raises(ValueError) as info:
         call()
     # JSONDecodeError and UnicodeDecodeError are ValueErrors too: they must not leak.
-    assert type(info.value) is ValueError or isinstance(info.value, TTError), repr(info.value)
+    assert isinstance(info.value, SavedFolderError), repr(info.value)
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, message

@@ -10,6 +10,7 @@ import pytest
 
 import tt_core
 from tt_core import AdapterConfig, hookimpl
+from tt_core.errors import PluginError
 from tt_core.plugins import PluginManager
 
 
@@ -78,7 +79,7 @@ def test_run_time_plugins_add_methods():
     assert manager.methods["echo"].config_class is EchoConfig
     config = manager.config_from_dict({"method": "echo", "target_modules": ["x"]})
     assert config == EchoConfig(target_modules=["x"])
-    with pytest.raises(ValueError, match="method 'nope', which no installed plugin provides"):
+    with pytest.raises(PluginError, match="method 'nope', which no installed plugin provides"):
         manager.config_from_dict({"method": "nope"})
 
 
@@ -98,7 +99,7 @@ def test_unregistering_a_plugin_object_removes_its_methods():
     manager.register(plugin, name="echo")
     manager.unregister(plugin)
     assert "echo" not in manager.methods
-    with pytest.raises(ValueError, match="no installed plugin provides adapter method 'echo'"):
+    with pytest.raises(PluginError, match="no installed plugin provides adapter method 'echo'"):
         manager.method_for(EchoConfig())
     assert manager.register(plugin, name="echo") == "echo"  # not "already provided by plugin 'echo'"
     assert manager.methods["echo"].plugin == "echo"

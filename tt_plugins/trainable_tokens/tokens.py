@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tt_core import AdapterLayer
-from tt_core.errors import ArgumentTypeError, ConfigError
+from tt_core.errors import AdapterStateError, ArgumentTypeError, ConfigError
 
 if TYPE_CHECKING:
     from tt_plugins.trainable_tokens.config import TrainableTokensConfig
@@ -186,7 +186,7 @@ def _resize(model: nn.Module, size: int) -> None:
         if callable(tie):
             tie()
         if not _is_tied(model):
-            raise RuntimeError(
+            raise AdapterStateError(
                 f"resizing {type(model).__name__} untied its LM head from the input embedding; tie them "
                 "again (model.tie_weights()) before training"
             )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tt_core import AdapterState
+from tt_core import AdapterState, AdapterStateError
+from tt_core.layer import output_writable
 
 
 class RowScaleLayer(AdapterState):
@@ -59,7 +60,9 @@ class RowScaleLayer(AdapterState):
         else:
             bias_columns = bias[self.token_indices].to(output.dtype)
             new = (columns - bias_columns) * scale + bias_columns
-        return output.index_copy_(-1, self.token_indices, new)
+        if output_writable(earlier):  # nothing else holds `output`: write the k columns in place
+            return output.index_copy_(-1, self.token_indices, new)
+        return output.index_copy(-1, self.token_indices, new)  # a forward hook may hold it
 
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor) -> None:
@@ -71,7 +74,8 @@ class RowScaleLayer(AdapterState):
     @torch.no_grad()
     def unmerge_from(self, weight: torch.Tensor) -> None:
         """Put the exact base rows back."""
-        assert self.base_rows is not None, "unmerge_from without merge_into"
+        if self.base_rows is None:  # an explicit check: `python -O` strips asserts
+            raise AdapterStateError("unmerge_from without merge_into: this row scaling is not merged")
         weight.index_copy_(0, self.token_indices, self.base_rows)
         self.base_rows = None
 
