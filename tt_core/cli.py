@@ -9,22 +9,28 @@ of an unexpected error instead. ``--json`` prints what scripts read.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, NoReturn
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from tt_core import manifest, serialization, storage
-from tt_core.plugins import get_plugin_manager
-from tt_core.registry import Published, Registry
+# Only light modules here: torch and transformers load inside main(), after
+# Ctrl-C is handled, so an interrupt at any moment reads "tt ...: interrupted".
+if TYPE_CHECKING:
+    from tt_core.registry import Published, Registry
 
 _BAD_INPUT = 2
 _FAILED = 1
 _INTERRUPTED = 130
+_COMMANDS = ("plugins", "inspect", "registry", "merge", "demo")
+_REGISTRY_ACTIONS = ("list", "info", "publish", "rm", "verify", "gc")
 # Files that tell a transformers model folder also holds a tokenizer.
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
@@ -65,6 +71,8 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, 
 
 # ---------------------------------------------------------------- tt plugins
 def _plugins(args: argparse.Namespace) -> int:
+    from tt_core.plugins import get_plugin_manager
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # broken plugins are listed below, one line each
@@ -103,6 +111,8 @@ def _plugins(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- tt inspect
 def _inspect(args: argparse.Namespace) -> int:
+    from tt_core import manifest, serialization, storage
+
     root = Path(args.path)
     found, saved = storage.read_all(root)
     for name, adapter in saved.items():
@@ -115,6 +125,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------- tt registry
 def _registry(args: argparse.Namespace) -> Registry:
+    from tt_core.registry import Registry
+
     return Registry(args.registry)  # None: $TT_REGISTRY, else the user's data folder
 
 
@@ -245,6 +257,8 @@ def _quiet_transformers() -> Iterator[None]:
 def _model_class(folder: Path) -> Any:
     """The class config.json's ``architectures`` names, else ``AutoModel``."""
     import transformers
+
+    from tt_core import manifest
 
     config = manifest.load_json_object(folder / "config.json", (folder / "config.json").read_bytes())
     architectures = config.get("architectures")
@@ -404,23 +418,57 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prog(words: list[str]) -> str:
+    """``tt <command> [<action>]`` as the words name them, before (or without) parsing them."""
+    positional = []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--registry":
+            skip = True  # its value is a folder, not a word of the command
+        elif not word.startswith("-"):
+            positional.append(word)
+    prog = ["tt"]
+    if positional and positional[0] in _COMMANDS:
+        prog.append(positional[0])
+        if positional[0] == "registry" and len(positional) > 1 and positional[1] in _REGISTRY_ACTIONS:
+            prog.append(positional[1])
+    return " ".join(prog)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``tt`` with ``argv`` and return its exit status.
+
+    Without ``argv`` it is the ``tt`` program: it reads ``sys.argv`` and ends
+    the process itself (see :func:`_program`), so it does not return.
+    """
+    if argv is None:
+        _program()
+    words = [str(word) for word in argv]
+    prog = _prog(words)
     try:
-        args = _parser().parse_args(argv)
+        return _main(words, prog)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return _INTERRUPTED
+
+
+def _main(words: list[str], prog: str) -> int:
+    try:
+        args = _parser().parse_args(words)
     except SystemExit as stop:  # --help, or a usage error already printed on one line
         return stop.code if isinstance(stop.code, int) else _BAD_INPUT
-    prog = " ".join(filter(None, ["tt", args.command, getattr(args, "action", None)]))
+    from tt_core.errors import TTError
+
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
             return int(args.run(args))
-        except KeyboardInterrupt:
-            print(f"{prog}: interrupted", file=sys.stderr)
-            return _INTERRUPTED
         except CommandError as error:
             print(f"{prog}: {_describe(error)}", file=sys.stderr)
             return error.status
-        except (ValueError, TypeError, OSError) as error:
+        except (TTError, ValueError, TypeError, OSError) as error:
             print(f"{prog}: {_describe(error)}", file=sys.stderr)
             return _BAD_INPUT
         except Exception as error:
@@ -430,5 +478,46 @@ def main(argv: list[str] | None = None) -> int:
             return _FAILED
 
 
+# ------------------------------------------------------------ the program
+def _interrupt_once(signum: int, frame: FrameType | None) -> None:
+    """Raise KeyboardInterrupt once; a second Ctrl-C while the command stops changes nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted(prog: str, signum: int, frame: FrameType | None) -> None:
+    """After the work: an interrupt still ends ``tt`` with its one line and 130."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.write(sys.stderr.fileno(), f"{prog}: interrupted\n".encode())
+    os._exit(_INTERRUPTED)
+
+
+def _program() -> NoReturn:
+    """``tt`` as a process: Ctrl-C at any moment gives ``tt ...: interrupted`` and exit status 130.
+
+    The handler is installed before torch and transformers load (``import
+    tt_core`` is light), and the process ends with ``os._exit`` once the
+    output is flushed: the interpreter's shutdown (torch's clean-up, run
+    with Ctrl-C no longer handled) would otherwise turn a late interrupt
+    into a traceback or a death by signal. Nothing of ``tt``'s is left to
+    write by then; everything it saves is complete when its line is printed.
+    """
+    words = sys.argv[1:]
+    prog = _prog(words)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored by the caller
+        signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        status = _main(words, prog)
+        if signal.getsignal(signal.SIGINT) is _interrupt_once:
+            signal.signal(signal.SIGINT, functools.partial(_exit_interrupted, prog))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        status = _INTERRUPTED
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a closed pipe (tt ... | head): nothing more can be said
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

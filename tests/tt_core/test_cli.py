@@ -1,14 +1,17 @@
 """The `tt` console command."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 import types
 
 import pytest
 from models import build
 
-from tt_core import cli, get_adapter_model
+from tt_core import get_adapter_model, plugins
 from tt_core.cli import main
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
@@ -42,9 +45,9 @@ def test_tt_plugins_json_lists_methods_and_failures(capsys, monkeypatch):
     assert set(by_name["trainable_tokens"]) == {"name", "plugin", "config", "distribution", "version"}
     assert listed["failures"] == []
 
-    real = cli.get_plugin_manager()
+    real = plugins.get_plugin_manager()
     broken = types.SimpleNamespace(methods=real.methods, failures=[("broken", "ModuleNotFoundError: x")])
-    monkeypatch.setattr(cli, "get_plugin_manager", lambda: broken)
+    monkeypatch.setattr(plugins, "get_plugin_manager", lambda: broken)
     assert main(["plugins", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["failures"] == [
         {"plugin": "broken", "error": "ModuleNotFoundError: x"}
@@ -63,7 +66,7 @@ class _ConflictingPlugins:
 
 @pytest.mark.parametrize("argv", [["plugins"], ["plugins", "--json"]])
 def test_tt_plugins_reports_a_plugin_conflict_on_one_line(capsys, monkeypatch, argv):
-    monkeypatch.setattr(cli, "get_plugin_manager", lambda: _ConflictingPlugins())
+    monkeypatch.setattr(plugins, "get_plugin_manager", lambda: _ConflictingPlugins())
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
@@ -75,3 +78,46 @@ def test_tt_inspect_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("tt inspect: ") and captured.err.count("\n") == 1
+
+
+def _torch_is_loading(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "libtorch" in maps.read()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or not os.path.isdir("/proc"), reason="needs Linux")
+@pytest.mark.parametrize(
+    ("argv", "moment"),
+    [
+        (["plugins"], "torch loading"),  # the import of torch, before any command code runs
+        (["plugins"], 0.5),
+        (["plugins"], "output"),  # as soon as the result is printed
+        (["registry", "--registry", "{tmp}", "list"], 0.2),
+        (["registry", "--registry", "{tmp}", "list"], 1.0),
+    ],
+)
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, argv, moment):
+    tt = shutil.which("tt")
+    assert tt is not None
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    process = subprocess.Popen([tt, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if moment == "torch loading":
+            deadline = time.monotonic() + 60
+            while process.poll() is None and not _torch_is_loading(process.pid):
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+        elif moment == "output":
+            assert process.stdout is not None
+            process.stdout.readline()
+        else:
+            time.sleep(moment)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    command = " ".join(["tt", *(arg for arg in argv if arg not in ("--registry", str(tmp_path)))])
+    if process.returncode == 0 and moment != "torch loading":
+        assert err == ""  # it had finished and exited before the signal came
+        return
+    assert (process.returncode, err) == (130, f"{command}: interrupted\n"), out
