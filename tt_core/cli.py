@@ -188,6 +188,11 @@ def _registry_publish(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir():
         raise CommandError(f"{path} is not a folder; pass the folder save_pretrained() wrote")
+    from tt_core.registry import saved_adapter_names
+
+    names = saved_adapter_names(path)
+    if args.adapter is None and len(names) > 1:
+        raise CommandError(f"{path} holds adapters {names}; say which to publish with --adapter NAME")
     tokenizer = _load_tokenizer(Path(args.tokenizer)) if args.tokenizer is not None else None
     registry = _registry(args)
     version = registry.publish_folder(
@@ -386,7 +391,7 @@ def _parser() -> argparse.ArgumentParser:
     publish = action("publish", _registry_publish, "publish a saved adapter as a new version")
     publish.add_argument("path", metavar="PATH", help="a folder written by save_pretrained()")
     publish.add_argument("name", metavar="NAME")
-    publish.add_argument("--adapter", help="which adapter of PATH (default: its only one)")
+    publish.add_argument("--adapter", help="which adapter of PATH (needed when it holds more than one)")
     publish.add_argument("--description", default="", metavar="TEXT")
     publish.add_argument(
         "--tokenizer", metavar="DIR", help="a local tokenizer folder whose added tokens are recorded"

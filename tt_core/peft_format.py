@@ -138,6 +138,11 @@ def _candidates(root: Path) -> dict[str, Path]:
     return found
 
 
+def adapter_names(path: str | os.PathLike[str]) -> list[str]:
+    """The PEFT adapters in ``path``, by PEFT's name (``"default"`` for one saved in the folder itself)."""
+    return sorted(_candidates(Path(path)))
+
+
 def is_peft_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder of PEFT adapters (and not a tt-adapters save).
 

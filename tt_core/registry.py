@@ -131,6 +131,15 @@ def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str, a
     return [token["content"] for token in missing]
 
 
+def saved_adapter_names(path: str | os.PathLike[str]) -> list[str]:
+    """The adapters a saved folder holds: one ``save_pretrained`` wrote, or PEFT's; [] when it is neither."""
+    if peft_format.is_peft_folder(path):
+        return peft_format.adapter_names(path)
+    if manifest.exists(Path(path)):
+        return sorted(manifest.read(Path(path)).adapters)
+    return []
+
+
 class Registry:
     """Published adapters under ``root`` (default: :func:`default_root`)."""
 
@@ -179,8 +188,13 @@ class Registry:
     ) -> int:
         """Publish an adapter saved by ``save_pretrained`` (checked first) as a new version of ``name``.
 
+        ``adapter`` may be left out only when the folder holds one adapter.
         A folder in PEFT's format is converted to tt-adapters' files first (docs/peft.md).
         """
+        if adapter is None:
+            names = saved_adapter_names(path)
+            if len(names) > 1:
+                raise RegistryError(f"{path} holds adapters {names}; say which to publish with adapter=...")
         if peft_format.is_peft_folder(path):
             saved = peft_format.read_one(path, adapter)
         else:

@@ -109,6 +109,41 @@ def test_publish_records_the_added_tokens_of_a_tokenizer_folder(capsys, tmp_path
     assert f"added tokens: {len(recorded)}" in out and f"{VOCAB} '<new>'\n" in out
 
 
+def test_publish_of_a_folder_holding_several_adapters_needs_adapter(capsys, tmp_path, registry):
+    adapter_model = get_adapter_model(
+        build("llama"), TrainableTokensConfig(token_indices=[5, 6], init_weights=False)
+    )
+    adapter_model.add_adapter("b", TrainableTokensConfig(token_indices=[7], init_weights=False))
+    adapter_model.add_adapter("c", TrainableTokensConfig(token_indices=[8], init_weights=False))
+    adapter_model.save_pretrained(tmp_path / "three")
+    status, out, err = tt(capsys, "registry", "--registry", registry, "publish", tmp_path / "three", "x")
+    assert_one_line_error(status, out, err, "registry publish")
+    assert "holds adapters ['b', 'c', 'default']; say which to publish with --adapter NAME" in err
+    assert not registry.exists()
+
+    status, out, err = tt(
+        capsys, "registry", "--registry", registry, "publish", tmp_path / "three", "x", "--adapter", "b"
+    )
+    assert (status, out) == (0, "published x@1\n"), err
+    assert Registry(registry).load(build("llama"), "x").adapter_configs["x"].token_indices == [7]
+    _, out, _ = tt(capsys, "registry", "publish", "--help")
+    assert "needed when it holds more than one" in " ".join(out.split())
+
+
+def test_publish_of_a_peft_folder_holding_several_adapters_needs_adapter(capsys, tmp_path, registry):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("llama"), peft.TrainableTokensConfig(token_indices=[5, 6]))
+    model.add_adapter("other", peft.TrainableTokensConfig(token_indices=[7]))
+    model.save_pretrained(str(tmp_path / "peft"))
+    status, out, err = tt(capsys, "registry", "--registry", registry, "publish", tmp_path / "peft", "x")
+    assert_one_line_error(status, out, err, "registry publish")
+    assert "--adapter NAME" in err and "adapter=" not in err and "['default', 'other']" in err
+    status, out, err = tt(
+        capsys, "registry", "--registry", registry, "publish", tmp_path / "peft", "x", "--adapter", "other"
+    )
+    assert (status, out) == (0, "published x@1\n"), err
+
+
 def test_rm_removes_one_version_and_list_shows_what_is_left(capsys, registry, saved):
     for _ in range(2):
         tt(capsys, "registry", "--registry", registry, "publish", saved, "greet")

@@ -21,7 +21,7 @@ import torch
 from models import VOCAB, batch, build, logits, word_tokenizer
 from numerics import assert_same_math
 
-from tt_core import AdapterLayer, AdapterModel, get_adapter_model
+from tt_core import AdapterLayer, AdapterModel, RegistryError, get_adapter_model
 from tt_core.registry import Registry
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
@@ -171,6 +171,16 @@ def test_publish_folder_takes_a_saved_adapter(registry, tmp_path):
     assert torch.equal(
         weights(registry.load(build(FAMILY), "terms"), "terms"), weights(adapter_model, "mine")
     )
+
+
+def test_publish_folder_of_several_adapters_needs_adapter(registry, tmp_path):
+    adapter_model = trained("mine", seed=3)
+    adapter_model.add_adapter("other", TrainableTokensConfig(token_indices=TOKENS))
+    adapter_model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(RegistryError, match=r"holds adapters \['mine', 'other'\]; say which .* adapter="):
+        registry.publish_folder(tmp_path / "saved", "terms")
+    assert registry.names() == []
+    assert registry.publish_folder(tmp_path / "saved", "terms", adapter="other") == 1
 
 
 # ----------------------------------------------------------------------------- loading
