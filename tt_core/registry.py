@@ -145,6 +145,14 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
+        # A folder, or a path a folder can be made at (the first publish makes it): never a file.
+        existing = next((path for path in (self.root, *self.root.parents) if path.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "" if existing == self.root else f" (its parent {existing} is a file)"
+            raise RegistryError(
+                f"the registry {self.root} is not a folder{where}; pass a folder, or a path where one can be "
+                "made"
+            )
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"

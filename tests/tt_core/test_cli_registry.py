@@ -10,7 +10,7 @@ import transformers
 from models import VOCAB, batch, build, logits, word_tokenizer
 from numerics import assert_same_math
 
-from tt_core import get_adapter_model
+from tt_core import RegistryError, get_adapter_model
 from tt_core.cli import main
 from tt_core.registry import Registry
 from tt_plugins.trainable_tokens import TrainableTokensConfig
@@ -215,6 +215,20 @@ def test_errors_are_one_line_with_exit_2(capsys, tmp_path, registry, saved, argv
     status, out, err = tt(capsys, "registry", "--registry", registry, *argv)
     assert_one_line_error(status, out, err, command)
     assert message in err
+
+
+@pytest.mark.parametrize("action", [["list"], ["verify"], ["gc"], ["info", "x"], ["publish", "{saved}", "x"]])
+def test_a_file_as_the_registry_is_refused(capsys, tmp_path, saved, action):
+    afile = tmp_path / "afile"
+    afile.write_text("not a registry")
+    for root in (afile, afile / "below"):
+        argv = [arg.format(saved=saved) for arg in action]
+        status, out, err = tt(capsys, "registry", "--registry", root, *argv)
+        assert_one_line_error(status, out, err, f"registry {action[0]}")
+        assert f"the registry {root} is not a folder" in err and "pass a folder" in err
+    with pytest.raises(RegistryError, match="is not a folder"):
+        Registry(afile)
+    assert afile.read_text() == "not a registry"
 
 
 def test_an_interrupt_exits_130_on_one_line(capsys, monkeypatch, registry):
