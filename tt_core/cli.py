@@ -142,15 +142,24 @@ def _load_tokenizer(folder: Path) -> Any:
 def _registry_list(args: argparse.Namespace) -> int:
     registry = _registry(args)
     found = registry.list()
+    broken = [published.spec for published in found if published.broken]
     if args.json:
         _print_json([published.to_dict() for published in found])
-        return 0
-    if not found:
+    elif not found:
         print(f"no adapters in the registry at {registry.root}")
-    for published in found:
+    for published in [] if args.json else found:
+        if published.broken:
+            print(f"{published.spec:<24} BROKEN: {_one_line(published.problem)}")
+            continue
         print(
             f"{published.spec:<24} {published.method:<20} {published.source:<12} "
             f"{_one_line(published.description)}".rstrip()
+        )
+    if broken:
+        raise CommandError(
+            f"{len(broken)} listed version(s) cannot be read: {', '.join(broken)}; 'tt registry verify' "
+            "checks every version, 'tt registry rm NAME@VERSION' removes one",
+            _FAILED,
         )
     return 0
 

@@ -58,8 +58,13 @@ class Published:
     method: str
     description: str
     published_at: str
-    source: str  # "local", or "package <distribution> <version>"
+    source: str  # "local", "package <distribution> <version>", or "broken"
     added_tokens: list[dict[str, Any]]
+    problem: str = ""  # why this version cannot be read; "" when it can
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.problem)
 
     @property
     def spec(self) -> str:
@@ -69,6 +74,7 @@ class Published:
         data = dataclasses.asdict(self)
         data["path"] = str(self.path)
         data["spec"] = self.spec
+        data["broken"] = self.broken
         return data
 
 
@@ -277,8 +283,10 @@ class Registry:
                 target: Any = entry_point.load()
                 path = Path(target() if callable(target) else target)
             except Exception as error:  # a broken package must not hide the rest of the registry
+                problem = " ".join(str(error).split())
+                description = f"broken: {problem}"
                 found[entry_point.name] = Published(
-                    entry_point.name, PACKAGED_VERSION, Path(), "?", f"broken: {error}", "", "broken", []
+                    entry_point.name, PACKAGED_VERSION, Path(), "?", description, "", "broken", [], problem
                 )
                 continue
             dist = entry_point.dist
@@ -526,11 +534,26 @@ class Registry:
         return [path for path in leftovers + unfinished if not os.path.lexists(path)]
 
     def list(self) -> list[Published]:
-        """The newest version of every adapter."""
+        """The newest version of every adapter; one that cannot be read is listed with its ``problem``."""
         found = []
         for name in self.names():
             try:
                 found.append(self.info(name))
-            except ValueError:
-                continue  # removed meanwhile, or a broken package (verify() reports those)
+                continue
+            except (OSError, ValueError):
+                pass
+            packaged = self._packaged().get(name)
+            if packaged is not None:
+                found.append(packaged)  # a broken package: its problem says why
+                continue
+            versions = self._numbers(name)
+            if not versions:
+                continue  # removed meanwhile
+            spec = f"{name}@{versions[-1]}"
+            try:  # again: the newest may have been removed meanwhile
+                found.append(self.info(spec))
+            except (OSError, ValueError) as error:
+                problem = " ".join(str(error).split())
+                path = self.root / name / str(versions[-1])
+                found.append(Published(name, versions[-1], path, "?", "", "", "broken", [], problem=problem))
         return found

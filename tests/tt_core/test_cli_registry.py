@@ -182,6 +182,29 @@ def test_verify_reports_a_damaged_file_and_exits_1(capsys, registry, saved):
     assert len(report["problems"]) == 1 and report["problems"][0].startswith("greet@1: ")
 
 
+def test_list_shows_a_version_whose_manifest_is_corrupt_and_exits_1(capsys, registry, saved):
+    for name in ("greet", "greet", "other"):
+        tt(capsys, "registry", "--registry", registry, "publish", saved, name)
+    manifest = registry / "greet" / "2" / "manifest.json"
+    manifest.chmod(0o644)
+    manifest.write_text("{ not json")
+
+    status, out, err = tt(capsys, "registry", "--registry", registry, "list")
+    assert status == 1
+    greet, other = out.splitlines()
+    assert greet.startswith("greet@2") and "BROKEN" in greet and "manifest.json" in greet
+    assert other.split() == ["other@1", "trainable_tokens", "local"]
+    assert err.count("\n") == 1
+    assert err.startswith("tt registry list: 1 listed version(s) cannot be read: greet@2")
+    assert "tt registry verify" in err
+
+    status, out, err = tt(capsys, "registry", "--registry", registry, "list", "--json")
+    listed = {entry["spec"]: entry for entry in json.loads(out)}
+    assert status == 1 and set(listed) == {"greet@2", "other@1"}
+    assert listed["greet@2"]["broken"] is True and "manifest.json" in listed["greet@2"]["problem"]
+    assert listed["other@1"]["broken"] is False and listed["other@1"]["problem"] == ""
+
+
 def test_gc_removes_what_a_killed_publish_left(capsys, registry, saved):
     tt(capsys, "registry", "--registry", registry, "publish", saved, "greet")
     leftover = registry / ".tt-tmp-x"

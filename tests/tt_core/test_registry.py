@@ -513,8 +513,11 @@ def test_an_installed_package_provides_read_only_adapters(registry, installed):
     )
     assert info.path.parent.name == "my_adapters" and info.path.name == "medical_terms"
     assert registry.versions("medical_terms") == [1]
-    # A broken entry point is listed by verify(), and hides nothing else.
-    assert [p.name for p in registry.list()] == ["clinical_terms", "local_terms", "medical_terms"]
+    # A broken entry point is listed as broken (and by verify()), and hides nothing else.
+    listed = registry.list()
+    assert [p.name for p in listed] == ["broken_terms", "clinical_terms", "local_terms", "medical_terms"]
+    assert [p.broken for p in listed] == [True, False, False, False]
+    assert "NOT_THERE" in listed[0].problem
     (problem,) = registry.verify()
     assert problem.startswith("broken_terms@1: packaged adapter 'broken_terms' cannot be read")
 
