@@ -66,7 +66,8 @@ def _print_json(data: Any) -> None:
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    print(f"tt: {category.__name__}: {_one_line(message)}", file=sys.stderr)
+    text = _one_line(message).replace("(loaded anyway, strict=False)", "(loaded anyway, --no-strict)")
+    print(f"tt: {category.__name__}: {text}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- tt plugins
@@ -319,7 +320,13 @@ def _merge(args: argparse.Namespace) -> int:
             bar.update(1)
         before = len(tokenizer) if tokenizer is not None else 0
         step(f"loading {', '.join(specs)}")
-        adapter_model = registry.load(model, specs, tokenizer=tokenizer)
+        try:
+            adapter_model = registry.load(model, specs, tokenizer=tokenizer, strict=not args.no_strict)
+        except ValueError as error:
+            # The library's advice names its argument; here the same switch is a flag.
+            if "strict=False" not in str(error):
+                raise
+            raise CommandError(_one_line(error).replace("pass strict=False", "pass --no-strict")) from None
         bar.update(1)
         step(f"merging {', '.join(specs)}")
         merged: Any = adapter_model.merge_and_unload()  # the transformers model, adapters folded in
@@ -416,6 +423,11 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("specs", nargs="+", metavar="NAME[@VERSION]", help="applied in this order")
     merge.add_argument("--out", required=True, metavar="DIR", help="where to save the merged model")
     merge.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    merge.add_argument(
+        "--no-strict",
+        action="store_true",
+        help="merge an adapter even when it was trained on another base model (a warning, not an error)",
+    )
     _add_registry_option(merge, None)
     merge.set_defaults(run=_merge)
 

@@ -334,6 +334,26 @@ def test_merge_adds_the_recorded_tokens_to_the_saved_tokenizer(capsys, tmp_path,
         assert_same_math(logits(merged, inputs), logits(adapter_model, inputs))
 
 
+def test_merge_onto_another_base_is_refused_with_the_flag_that_allows_it(capsys, tmp_path, registry):
+    base_dir, out = tmp_path / "base", tmp_path / "out"
+    build("llama_tied", seed=1).save_pretrained(base_dir)  # not the base the adapter was trained on
+    adapter_model = get_adapter_model(
+        build("llama_tied"), TrainableTokensConfig(token_indices=[5, 6], init_weights=False)
+    )
+    Registry(registry).publish(adapter_model, "greet")
+
+    status, stdout, err = tt(capsys, "merge", base_dir, "greet", "--out", out, "--registry", registry)
+    assert_one_line_error(status, stdout, err, "merge")
+    assert "trained on another base model" in err and "pass --no-strict" in err
+    assert "strict=False" not in err and not out.exists()
+
+    argv = ["merge", base_dir, "greet", "--out", out, "--registry", registry, "--no-strict"]
+    status, stdout, err = tt(capsys, *argv)
+    assert status == 0 and "greet@1" in stdout and (out / "config.json").is_file()
+    assert err.startswith("tt: UserWarning: adapter 'greet': ") and err.count("\n") == 1
+    assert "not the ones it was trained on (loaded anyway, --no-strict)" in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
