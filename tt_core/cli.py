@@ -111,13 +111,38 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- tt inspect
+def _saved_folder(text: str) -> Path:
+    """The folder a ``save_pretrained`` wrote, as the command line names it; refused when it is not one."""
+    path = Path(text)
+    if not path.is_dir():
+        raise CommandError(f"{path} is not a folder; pass the folder save_pretrained() wrote")
+    return path
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from tt_core import manifest, serialization, storage
 
-    root = Path(args.path)
+    root = _saved_folder(args.path)
     found, saved = storage.read_all(root)
-    for name, adapter in saved.items():
-        config = serialization.read_config(adapter)
+    configs = {name: serialization.read_config(adapter) for name, adapter in saved.items()}
+    if args.json:
+        _print_json(
+            {
+                "path": str(root),
+                "active": found.active,
+                "adapters": [
+                    {
+                        "name": name,
+                        "method": config.method,
+                        "active": name in found.active,
+                        "config": config.to_dict(),
+                    }
+                    for name, config in configs.items()
+                ],
+            }
+        )
+        return 0
+    for name, config in configs.items():
         marker = "*" if name in found.active else " "
         print(f"{marker} {name:<20} {config.method:<20} {json.dumps(config.to_dict(), sort_keys=True)}")
     print(f"active stack: {found.active}; files verified against {manifest.FILENAME}")
@@ -195,9 +220,7 @@ def _registry_info(args: argparse.Namespace) -> int:
 
 
 def _registry_publish(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    if not path.is_dir():
-        raise CommandError(f"{path} is not a folder; pass the folder save_pretrained() wrote")
+    path = _saved_folder(args.path)
     from tt_core.registry import saved_adapter_names
 
     names = saved_adapter_names(path)
@@ -379,6 +402,7 @@ def _add_registry_option(parser: argparse.ArgumentParser, default: Any) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tt", description="tt-adapters: token-embedding adapters")
+    parser.add_argument("--version", action="version", version=f"tt-adapters {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plugins = commands.add_parser("plugins", help="list installed adapter methods and broken plugins")
@@ -386,7 +410,8 @@ def _parser() -> argparse.ArgumentParser:
     plugins.set_defaults(run=_plugins)
 
     inspect = commands.add_parser("inspect", help="list and verify the adapters saved in a folder")
-    inspect.add_argument("path")
+    inspect.add_argument("path", metavar="PATH", help="a folder written by save_pretrained()")
+    inspect.add_argument("--json", action="store_true", help="print a JSON object")
     inspect.set_defaults(run=_inspect)
 
     registry = commands.add_parser("registry", help="list, publish, remove and check published adapters")
@@ -444,6 +469,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tt-adapters")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _prog(words: list[str]) -> str:
     """``tt <command> [<action>]`` as the words name them, before (or without) parsing them."""
     positional = []
@@ -483,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(words: list[str], prog: str) -> int:
     try:
         args = _parser().parse_args(words)
-    except SystemExit as stop:  # --help, or a usage error already printed on one line
+    except SystemExit as stop:  # --help, --version, or a usage error already printed on one line
         return stop.code if isinstance(stop.code, int) else _BAD_INPUT
     from tt_core.errors import TTError
 

@@ -1,5 +1,6 @@
 """The `tt` console command."""
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -78,6 +79,37 @@ def test_tt_inspect_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("tt inspect: ") and captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["registry", "publish"]])
+def test_a_missing_saved_folder_is_worded_the_same_by_every_command(tmp_path, capsys, command):
+    missing = tmp_path / "nothing"
+    more = ["name", "--registry", str(tmp_path / "r")] if "publish" in command else []
+    argv = [*command, str(missing), *more]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"tt {' '.join(command)}: {missing} is not a folder; pass the folder save_pretrained() wrote\n"
+    )
+
+
+def test_tt_inspect_json(tmp_path, capsys):
+    adapter_model = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5, 6]))
+    adapter_model.add_adapter("other", TrainableTokensConfig(token_indices=[7]))
+    adapter_model.save_pretrained(tmp_path)
+    assert main(["inspect", "--json", str(tmp_path)]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["path"] == str(tmp_path) and found["active"] == ["default"]
+    by_name = {adapter["name"]: adapter for adapter in found["adapters"]}
+    assert set(by_name) == {"default", "other"}
+    assert by_name["default"]["active"] is True and by_name["other"]["active"] is False
+    assert by_name["other"]["method"] == "trainable_tokens"
+    assert by_name["other"]["config"]["token_indices"] == [7]
+
+
+def test_tt_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"tt-adapters {importlib.metadata.version('tt-adapters')}\n"
 
 
 def _torch_is_loading(pid: int) -> bool:
