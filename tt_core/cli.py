@@ -198,13 +198,15 @@ def _info_lines(published: Published, versions: list[int]) -> Iterator[str]:
     yield f"description:  {_one_line(published.description)}"
     yield f"published at: {published.published_at}"
     yield f"path:         {published.path}"
-    if not published.added_tokens:
-        yield "added tokens: none"
-        return
-    yield f"added tokens: {len(published.added_tokens)}"
-    for token in published.added_tokens:
-        special = " (special)" if token.get("special") else ""
-        yield f"  {token['id']:>8} {token['content']!r}{special}"
+    tokens = published.added_tokens
+    new = [token for token in tokens if token.get("new", True)]  # versions published before "new": all
+    had = [token for token in tokens if not token.get("new", True)]
+    also = f" (and {len(had)} the tokenizer had already, recorded to check their ids)" if had else ""
+    yield f"added tokens: {len(new) or 'none'}{also}"
+    for token in new + had:
+        notes = ["special"] if token.get("special") else []
+        notes += ["had already"] if token in had else []
+        yield f"  {token['id']:>8} {token['content']!r}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _registry_info(args: argparse.Namespace) -> int:

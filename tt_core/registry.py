@@ -92,13 +92,22 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
 
 
 def added_tokens(tokenizer: Any) -> list[dict[str, Any]]:
-    """The tokens added to ``tokenizer`` (a transformers tokenizer), by id."""
+    """The tokens added to ``tokenizer`` (a transformers tokenizer), by id.
+
+    ``new`` tells the tokens beyond its base vocabulary (``vocab_size``), the
+    ones a load may have to add, from those it had already (its special
+    tokens, say), recorded so a load can check their ids.
+    """
     special = set(getattr(tokenizer, "all_special_tokens", []))
+    base_size = getattr(tokenizer, "vocab_size", None)
     vocabulary = tokenizer.get_added_vocab()
-    return [
-        {"content": content, "id": int(index), "special": content in special}
-        for content, index in sorted(vocabulary.items(), key=lambda item: item[1])
-    ]
+    found = []
+    for content, index in sorted(vocabulary.items(), key=lambda item: item[1]):
+        token: dict[str, Any] = {"content": content, "id": int(index), "special": content in special}
+        if isinstance(base_size, int):
+            token["new"] = int(index) >= base_size
+        found.append(token)
+    return found
 
 
 def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str, add: bool = True) -> list[str]:

@@ -104,9 +104,11 @@ def test_publish_records_the_added_tokens_of_a_tokenizer_folder(capsys, tmp_path
     assert (status, out) == (0, "published greet@1\n"), err
     status, out, _ = tt(capsys, "registry", "--registry", registry, "info", "greet", "--json")
     recorded = json.loads(out)["added_tokens"]
-    assert {"content": "<new>", "id": VOCAB, "special": False} in recorded  # beside the special tokens
+    assert {"content": "<new>", "id": VOCAB, "special": False, "new": True} in recorded
+    assert {"content": "<pad>", "id": 0, "special": True, "new": False} in recorded  # checked, not added
     status, out, _ = tt(capsys, "registry", "--registry", registry, "info", "greet")
-    assert f"added tokens: {len(recorded)}" in out and f"{VOCAB} '<new>'\n" in out
+    assert "added tokens: 1 (and 3 the tokenizer had already, recorded to check their ids)\n" in out
+    assert f"{VOCAB} '<new>'\n" in out and "0 '<pad>' (special, had already)\n" in out
 
 
 def test_publish_of_a_folder_holding_several_adapters_needs_adapter(capsys, tmp_path, registry):
@@ -324,6 +326,8 @@ def test_merge_adds_the_recorded_tokens_to_the_saved_tokenizer(capsys, tmp_path,
     status, stdout, err = tt(capsys, "merge", base_dir, "greet", "--out", out, "--registry", registry)
     assert status == 0, err
     assert "1 added token" in stdout
+    info = tt(capsys, "registry", "info", "greet", "--registry", registry)[1]
+    assert "added tokens: 1 (" in info  # the same count as the merge's
     saved_tokenizer = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert saved_tokenizer.convert_tokens_to_ids("<new>") == new_id == VOCAB
     assert len(saved_tokenizer) == VOCAB + 1
