@@ -294,6 +294,20 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+@contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """transformers says only errors: resizing for the recorded tokens prints a notice about how it
+    starts the new rows (``mean_resizing``), which the merge overwrites with the adapter's."""
+    from transformers.utils import logging
+
+    was = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(was)
+
+
 def _model_class(folder: Path) -> Any:
     """The class config.json's ``architectures`` names, else ``AutoModel``."""
     import transformers
@@ -346,7 +360,8 @@ def _merge(args: argparse.Namespace) -> int:
         before = len(tokenizer) if tokenizer is not None else 0
         step(f"loading {', '.join(specs)}")
         try:
-            adapter_model = registry.load(model, specs, tokenizer=tokenizer, strict=not args.no_strict)
+            with _transformers_errors_only():
+                adapter_model = registry.load(model, specs, tokenizer=tokenizer, strict=not args.no_strict)
         except ValueError as error:
             # The library's advice names its argument; here the same switch is a flag.
             if "strict=False" not in str(error):
@@ -363,8 +378,12 @@ def _merge(args: argparse.Namespace) -> int:
             tokenizer.save_pretrained(str(out))
         bar.update(1)
     added = len(tokenizer) - before if tokenizer is not None else 0
-    tokens = f", tokenizer with {added} added token(s)" if added else (", tokenizer" if tokenizer else "")
-    print(f"merged {', '.join(specs)} into {base} ({model_class.__name__}); saved to {out}{tokens}")
+    tokens = f", and the tokenizer with {added} added token(s)" if added else ""
+    tokens = tokens or (", and the tokenizer" if tokenizer is not None else "")
+    print(
+        f"wrote {out}: {model_class.__name__} with {', '.join(specs)} merged in{tokens}; "
+        f"the base model in {base} is unchanged"
+    )
     return 0
 
 

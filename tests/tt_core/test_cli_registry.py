@@ -338,6 +338,29 @@ def test_merge_adds_the_recorded_tokens_to_the_saved_tokenizer(capsys, tmp_path,
         assert_same_math(logits(merged, inputs), logits(adapter_model, inputs))
 
 
+def test_the_merge_command_says_where_it_wrote_and_nothing_else(tmp_path, registry):
+    """The console script: no transformers notice on stderr, and the base folder is named as unchanged."""
+    base_dir, out = tmp_path / "base", tmp_path / "out"
+    model, tokenizer = build("llama_tied"), word_tokenizer()
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    tokenizer.add_tokens(["<new>", "<other>"])
+    model.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(["<new>", "<other>"])
+    adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=ids, init_weights=False))
+    Registry(registry).publish(adapter_model, "greet", tokenizer=tokenizer)
+    base_files = {path: path.read_bytes() for path in base_dir.iterdir()}
+
+    command = [shutil.which("tt"), "merge", base_dir, "greet", "--out", out, "--registry", registry]
+    done = subprocess.run([str(arg) for arg in command], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == (
+        f"wrote {out}: LlamaForCausalLM with greet@1 merged in, and the tokenizer with 2 added token(s); "
+        f"the base model in {base_dir} is unchanged\n"
+    )
+    assert {path: path.read_bytes() for path in base_dir.iterdir()} == base_files
+
+
 def test_merge_onto_another_base_is_refused_with_the_flag_that_allows_it(capsys, tmp_path, registry):
     base_dir, out = tmp_path / "base", tmp_path / "out"
     build("llama_tied", seed=1).save_pretrained(base_dir)  # not the base the adapter was trained on
