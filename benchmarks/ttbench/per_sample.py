@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -177,11 +178,15 @@ def _peft_times(
     """PEFT's own mixed batch (LoRA on the embedding), on a copy of the module tree sharing the weights."""
     import peft
 
-    model = peft.get_peft_model(
-        sharing_copy(base), peft.LoraConfig(r=LORA_RANK, target_modules=["embed_tokens"]), adapter_name="a0"
-    )
-    for index in range(1, adapters):
-        model.add_adapter(f"a{index}", peft.LoraConfig(r=LORA_RANK, target_modules=["embed_tokens"]))
+    with warnings.catch_warnings():
+        # Not about what is measured: PEFT asks transformers' deprecated is_gradient_checkpointing,
+        # and suggests ensure_weight_tying for a tied model (its LoRA here never merges).
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying", category=UserWarning)
+        config = peft.LoraConfig(r=LORA_RANK, target_modules=["embed_tokens"])
+        model = peft.get_peft_model(sharing_copy(base), config, adapter_name="a0")
+        for index in range(1, adapters):
+            model.add_adapter(f"a{index}", peft.LoraConfig(r=LORA_RANK, target_modules=["embed_tokens"]))
     model.eval()
     names = [f"a{sample // per_group}" for sample in range(input_ids.shape[0])]
     jobs = {
