@@ -1,7 +1,9 @@
 """``tt demo``: the real packaged model learns new words; the table, the checks and the files."""
 
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from tt_core import Registry
 from tt_core.cli import main
 
+README = Path(__file__).parents[1] / "README.md"
 TIME_LIMIT_S = 120
 ROW = re.compile(r"^\s+(random rows|mean of word-pieces|trained)\s+([0-9.]+)\s+(\d+)/(\d+) \(", re.M)
 
@@ -45,6 +48,10 @@ def test_tt_demo_teaches_the_real_model_new_words(tmp_path, capsys):
     assert saved and float(saved[1]) > float(saved[2]) + 2
     trainable = re.search(r"trainable\s+([\d,]+) of ([\d,]+) parameters", out)
     assert trainable and int(trainable[1].replace(",", "")) == 8 * 384
+    _assert_the_parameters_add_up(out)
+    # The README says what the demo prints about the default model's words.
+    pieces = re.search(r"splits into (\d+) to (\d+) word-pieces", out)
+    assert pieces and f"splits into {pieces[1]} to {pieces[2]} word-pieces" in README.read_text()
     assert "acetaminophen" in out and "hydrochlorothiazide" in out
     assert out.count("same outputs: yes") == 4 and "NO" not in out
 
@@ -63,6 +70,33 @@ def test_tt_demo_teaches_the_real_model_new_words(tmp_path, capsys):
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == 30522 + 8
 
 
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _assert_the_parameters_add_up(out: str) -> None:
+    """The model's count, the trainable count and the total it is a share of: each difference said."""
+    model = re.search(r"^model .*\(\w+, ([\d,]+) parameters, all frozen\)$", out, re.M)
+    trainable = re.search(
+        r"^trainable\s+([\d,]+) of ([\d,]+) parameters .*: (\d+) rows of width (\d+);$", out, re.M
+    )
+    total = re.search(
+        r"^\s+the total is the resized model's ([\d,]+) \(([\d,]+) \+ ([\d,]+) for the (\d+) new rows\) "
+        r"and the adapter's own ([\d,]+)$",
+        out,
+        re.M,
+    )
+    assert model and trainable and total, out
+    rows = int(trainable[3]) * int(trainable[4])  # parameters in the new rows
+    base, trained, of = _number(model[1]), _number(trainable[1]), _number(trainable[2])
+    resized, before, added, adapter = (_number(total[i]) for i in (1, 2, 3, 5))
+    assert (before, added, trained, adapter) == (base, rows, rows, rows)
+    assert resized == base + rows and of == resized + adapter
+    pieces = re.search(r"splits into (\d+) to (\d+) word-pieces \(it takes terms of (\d+) or more\):", out)
+    counts = [int(n) for n in re.findall(r"^\s+\S+\s+(\d+) pieces: ", out, re.M)]
+    assert pieces and counts and (min(counts), max(counts)) == (int(pieces[1]), int(pieces[2])), out
+
+
 def _char_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A word-piece tokenizer that spells every word letter by letter."""
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -75,7 +109,7 @@ def _char_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def test_tt_demo_runs_on_a_local_causal_lm(tmp_path, capsys):
+def _tiny_gpt2(folder):
     tokenizer = _char_tokenizer()
     torch.manual_seed(0)
     config = transformers.GPT2Config(
@@ -87,18 +121,38 @@ def test_tt_demo_runs_on_a_local_causal_lm(tmp_path, capsys):
         bos_token_id=0,
         eos_token_id=0,
     )
-    folder = tmp_path / "tiny-gpt2"
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return tokenizer
 
+
+def test_tt_demo_runs_on_a_local_causal_lm(tmp_path, capsys):
+    folder = tmp_path / "tiny-gpt2"
+    tokenizer = _tiny_gpt2(folder)
     status = main(["demo", "--model", str(folder), "--out", str(tmp_path / "out"), "--steps", "3"])
     captured = capsys.readouterr()
     assert status == 0, captured.out + captured.err
     assert "GPT2LMHeadModel" in captured.out and len(_table(captured.out)) == 3
+    _assert_the_parameters_add_up(captured.out)
     assert captured.out.count("same outputs: yes") == 4
     merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "merged", local_files_only=True)
     assert merged.lm_head.weight is merged.transformer.wte.weight  # still tied after resizing and merging
     assert merged.transformer.wte.weight.shape[0] == len(tokenizer) + 8
+
+
+def test_tt_demo_without_out_removes_what_it_wrote(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "tiny-gpt2"
+    _tiny_gpt2(folder)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    status = main(["demo", "--model", str(folder), "--steps", "2"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.out + captured.err
+    assert list(temporary.iterdir()) == []
+    last = captured.out.splitlines()[-1]
+    assert "removed the temporary folder" in last and "--out DIR keeps" in last
+    assert "tt inspect" not in captured.out  # it would name a folder that is gone
 
 
 def test_tt_demo_help_and_bad_input(tmp_path, capsys):

@@ -100,8 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="where the registry, the saved adapters and the merged model go "
-        "(default: a new temporary folder)",
+        help="where the registry, the saved adapters and the merged model go, kept "
+        "(default: a temporary folder, removed at the end)",
     )
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
     parser.add_argument("--steps", type=int, default=50, metavar="N", help="training steps (default: 50)")
@@ -251,16 +251,26 @@ def run(args: argparse.Namespace) -> int:
     manager = get_plugin_manager()
     if "trainable_tokens" not in manager.methods:
         raise CommandError("the trainable_tokens method is not installed ('tt plugins' lists what is)", 1)
-    with _quiet(args.threads):
-        return _run(args, manager)
+    with _quiet(args.threads), _out_folder(args.out) as out:
+        return _run(args, manager, out)
 
 
-def _run(args: argparse.Namespace, manager: Any) -> int:
+@contextlib.contextmanager
+def _out_folder(out: str | None) -> Iterator[Path]:
+    """``--out``, kept; else a temporary folder, removed at the end (about 90 MB for the default model)."""
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        yield Path(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="tt-demo-") as temporary:
+        yield Path(temporary)
+
+
+def _run(args: argparse.Namespace, manager: Any, out: Path) -> int:
     started = time.perf_counter()
+    keep = args.out is not None
     tokens_config: Any = manager.methods["trainable_tokens"].config_class
     folder = Path(args.model) if args.model is not None else _default_model_folder()
-    out = Path(args.out) if args.out is not None else Path(tempfile.mkdtemp(prefix="tt-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model, tokenizer = _load(folder)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -270,7 +280,11 @@ def _run(args: argparse.Namespace, manager: Any) -> int:
     terms = _pick_terms(tokenizer)
     print("tt demo: teach a frozen model new words, training only their embedding rows (trainable tokens)")
     print(f"model       {name} ({type(model).__name__}, {total:,} parameters, all frozen)")
-    print(f"new tokens  {len(terms)} terms its tokenizer splits into {MIN_PIECES} or more word-pieces:")
+    counts = sorted(len(pieces) for _, pieces in terms)
+    print(
+        f"new tokens  {len(terms)} terms its tokenizer splits into {counts[0]} to {counts[-1]} word-pieces "
+        f"(it takes terms of {MIN_PIECES} or more):"
+    )
     for term, pieces in terms:
         shown = " ".join(pieces) if len(pieces) <= 8 else " ".join(pieces[:7]) + " ..."
         print(f"              {term:<20} {len(pieces):>2} pieces: {shown}")
@@ -303,17 +317,22 @@ def _run(args: argparse.Namespace, manager: Any) -> int:
             if sum(ids.count(i) for i in new_ids) != 1:
                 raise CommandError(f"the tokenizer does not use the new token in {text!r}", 1)
 
+    resized = sum(p.numel() for p in model.parameters())
     adapter_model = get_adapter_model(model, config, adapter_name="medical")
+    trainable, all_parameters = adapter_model.get_nb_trainable_parameters()
     adapter_model.add_adapter("random_init", tokens_config(token_indices=new_ids, init_weights=False))
     adapter_model.set_adapter("random_init")
     random_scores = _scores(_embed_all(adapter_model, held.new, pad_id), held_targets)
     adapter_model.set_adapter("medical")  # only the active adapter trains
     mean_scores = _scores(_embed_all(adapter_model, held.new, pad_id), held_targets)
-    trainable, all_parameters = adapter_model.get_nb_trainable_parameters()
     width = int(model.get_input_embeddings().weight.shape[1])
     print(
         f"trainable   {trainable:,} of {all_parameters:,} parameters "
-        f"({100 * trainable / all_parameters:.4f}%): {len(new_ids)} rows of width {width}"
+        f"({100 * trainable / all_parameters:.4f}%): {len(new_ids)} rows of width {width};"
+    )
+    print(
+        f"            the total is the resized model's {resized:,} ({total:,} + {resized - total:,} for the "
+        f"{len(new_ids)} new rows) and the adapter's own {all_parameters - resized:,}"
     )
 
     seconds = _train(adapter_model, train, train_targets, pad_id, args)
@@ -331,9 +350,15 @@ def _run(args: argparse.Namespace, manager: Any) -> int:
     )
     print()
 
-    all_same = _the_rest(adapter_model, tokenizer, folder, out, held, trained_embedded, pad_id, manager)
+    all_same = _the_rest(adapter_model, tokenizer, folder, out, held, trained_embedded, pad_id, manager, keep)
     print()
-    print(f"done in {time.perf_counter() - started:.1f} s; everything it wrote is under {out}")
+    if keep:
+        print(f"done in {time.perf_counter() - started:.1f} s; everything it wrote is under {out}")
+    else:
+        print(
+            f"done in {time.perf_counter() - started:.1f} s; removed the temporary folder {out} "
+            "(--out DIR keeps the registry, the adapters and the merged model)"
+        )
     return 0 if all_same else 1
 
 
@@ -387,6 +412,7 @@ def _the_rest(
     trained: torch.Tensor,
     pad_id: int,
     manager: Any,
+    keep: bool,
 ) -> bool:
     """Publish, reload, stack, switch, save, merge; True when every check found the same outputs."""
     checks: list[bool] = []
@@ -434,9 +460,8 @@ def _the_rest(
     )
     adapters = out / "adapters"
     adapter_model.save_pretrained(adapters)
-    print(
-        f"saved       {', '.join(adapter_model.adapters)} to {adapters} ('tt inspect {adapters}' lists them)"
-    )
+    listed = f" ('tt inspect {adapters}' lists them)" if keep else ""
+    print(f"saved       {', '.join(adapter_model.adapters)} to {adapters}{listed}")
 
     merged_folder = out / "merged"
     merged: Any = adapter_model.merge_and_unload(adapter_names=["medical"])
