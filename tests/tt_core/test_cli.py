@@ -12,7 +12,7 @@ import types
 import pytest
 from models import build
 
-from tt_core import get_adapter_model, plugins
+from tt_core import Registry, get_adapter_model, plugins
 from tt_core.cli import main
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
@@ -126,11 +126,17 @@ def _torch_is_loading(pid: int) -> bool:
         (["plugins"], "output"),  # as soon as the result is printed
         (["registry", "--registry", "{tmp}", "list"], 0.2),
         (["registry", "--registry", "{tmp}", "list"], 1.0),
+        (["merge", "{tmp}/base", "greet", "--out", "{tmp}/out", "--registry", "{tmp}"], "torch loading"),
+        (["merge", "{tmp}/base", "greet", "--out", "{tmp}/out", "--registry", "{tmp}"], 1.5),
     ],
 )
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, argv, moment):
     tt = shutil.which("tt")
     assert tt is not None
+    if "merge" in argv:
+        build("llama").save_pretrained(tmp_path / "base")
+        adapter_model = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5, 6]))
+        Registry(tmp_path).publish(adapter_model, "greet")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     process = subprocess.Popen([tt, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -148,7 +154,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, argv, moment):
         out, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    command = " ".join(["tt", *(arg for arg in argv if arg not in ("--registry", str(tmp_path)))])
+    command = " ".join(["tt", *(arg for arg in argv if arg in ("plugins", "registry", "list", "merge"))])
     if process.returncode == 0 and moment != "torch loading":
         assert err == ""  # it had finished and exited before the signal came
         return
