@@ -19,7 +19,7 @@ import json
 import torch
 from torch import nn
 
-from tt_core.folded import FoldedStack
+from tt_core.tensors.folded import FoldedStack
 from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
 from tt_plugins.trainable_tokens import plugin, tokens
 

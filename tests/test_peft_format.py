@@ -15,7 +15,7 @@ from numerics import assert_same_math
 from torch import nn
 
 from tt_core import AdapterModel, Registry, get_adapter_model
-from tt_core.layer import AdapterLayer
+from tt_core.tensors.wrapper import AdapterLayer
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 

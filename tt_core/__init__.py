@@ -12,8 +12,8 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tt_core.config import AdapterConfig
-    from tt_core.errors import (
+    from tt_core.api.config import AdapterConfig
+    from tt_core.api.errors import (
         AdapterStateError,
         ArgumentTypeError,
         ConfigError,
@@ -24,30 +24,32 @@ if TYPE_CHECKING:
         StorageError,
         TTError,
     )
-    from tt_core.hookspecs import hookimpl
-    from tt_core.layer import AdapterLayer, AdapterState
+    from tt_core.api.hookspecs import hookimpl
+    from tt_core.api.register import MethodRegister
     from tt_core.model import AdapterModel, get_adapter_model
-    from tt_core.plugins import MethodRegister, get_plugin_manager
+    from tt_core.plugins import get_plugin_manager
     from tt_core.registry import Registry
+    from tt_core.tensors.state import AdapterState
+    from tt_core.tensors.wrapper import AdapterLayer
 
 # public name -> the module that defines it
 _LAZY = {
-    "AdapterConfig": "tt_core.config",
-    "AdapterStateError": "tt_core.errors",
-    "ArgumentTypeError": "tt_core.errors",
-    "ConfigError": "tt_core.errors",
-    "MissingFiles": "tt_core.errors",
-    "PluginError": "tt_core.errors",
-    "RegistryError": "tt_core.errors",
-    "SavedFolderError": "tt_core.errors",
-    "StorageError": "tt_core.errors",
-    "TTError": "tt_core.errors",
-    "hookimpl": "tt_core.hookspecs",
-    "AdapterLayer": "tt_core.layer",
-    "AdapterState": "tt_core.layer",
+    "AdapterConfig": "tt_core.api.config",
+    "AdapterStateError": "tt_core.api.errors",
+    "ArgumentTypeError": "tt_core.api.errors",
+    "ConfigError": "tt_core.api.errors",
+    "MissingFiles": "tt_core.api.errors",
+    "PluginError": "tt_core.api.errors",
+    "RegistryError": "tt_core.api.errors",
+    "SavedFolderError": "tt_core.api.errors",
+    "StorageError": "tt_core.api.errors",
+    "TTError": "tt_core.api.errors",
+    "hookimpl": "tt_core.api.hookspecs",
+    "AdapterLayer": "tt_core.tensors.wrapper",
+    "AdapterState": "tt_core.tensors.state",
     "AdapterModel": "tt_core.model",
     "get_adapter_model": "tt_core.model",
-    "MethodRegister": "tt_core.plugins",
+    "MethodRegister": "tt_core.api.register",
     "get_plugin_manager": "tt_core.plugins",
     "Registry": "tt_core.registry",
 }

@@ -21,26 +21,20 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tt_core.commands import BAD_INPUT as _BAD_INPUT
+from tt_core.commands import CommandError, model_class
+
 # Only light modules here: torch and transformers load inside main(), after
 # Ctrl-C is handled, so an interrupt at any moment reads "tt ...: interrupted".
 if TYPE_CHECKING:
     from tt_core.registry import Published, Registry
 
-_BAD_INPUT = 2
 _FAILED = 1
 _INTERRUPTED = 130
 _COMMANDS = ("plugins", "inspect", "registry", "merge", "demo")
 _REGISTRY_ACTIONS = ("list", "info", "publish", "rm", "verify", "gc")
 # Files that tell a transformers model folder also holds a tokenizer.
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-
-
-class CommandError(Exception):
-    """A failure the command explains itself: its message and exit status."""
-
-    def __init__(self, message: str, status: int = _BAD_INPUT) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,11 +114,12 @@ def _saved_folder(text: str) -> Path:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from tt_core import manifest, serialization, storage
+    from tt_core.disk import manifest, storage
+    from tt_core.formats import native
 
     root = _saved_folder(args.path)
     found, saved = storage.read_all(root)
-    configs = {name: serialization.read_config(adapter) for name, adapter in saved.items()}
+    configs = {name: native.read_config(adapter) for name, adapter in saved.items()}
     if args.json:
         _print_json(
             {
@@ -308,21 +303,6 @@ def _transformers_errors_only() -> Iterator[None]:
         logging.set_verbosity(was)
 
 
-def _model_class(folder: Path) -> Any:
-    """The class config.json's ``architectures`` names, else ``AutoModel``."""
-    import transformers
-
-    from tt_core import manifest
-
-    config = manifest.load_json_object(folder / "config.json", (folder / "config.json").read_bytes())
-    architectures = config.get("architectures")
-    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
-        found = getattr(transformers, architectures[0], None)
-        if isinstance(found, type) and hasattr(found, "from_pretrained"):
-            return found
-    return transformers.AutoModel
-
-
 def _check_out(out: Path, base: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} exists and is not a folder")
@@ -348,8 +328,8 @@ def _merge(args: argparse.Namespace) -> int:
             bar.set_postfix_str(description)
 
         step("loading the base model")
-        model_class = _model_class(base)
-        model = model_class.from_pretrained(str(base), local_files_only=True)
+        base_class = model_class(base)
+        model = base_class.from_pretrained(str(base), local_files_only=True)
         model.eval()
         bar.update(1)
         tokenizer = None
@@ -381,7 +361,7 @@ def _merge(args: argparse.Namespace) -> int:
     tokens = f", and the tokenizer with {added} added token(s)" if added else ""
     tokens = tokens or (", and the tokenizer" if tokenizer is not None else "")
     print(
-        f"wrote {out}: {model_class.__name__} with {', '.join(specs)} merged in{tokens}; "
+        f"wrote {out}: {base_class.__name__} with {', '.join(specs)} merged in{tokens}; "
         f"the base model in {base} is unchanged"
     )
     return 0
@@ -397,7 +377,7 @@ spelled out (self-distillation: the frozen model's mean-pooled embedding of
 the spelled-out sentence is the target). On sentences it never trained on it
 prints the cosine to the spelled-out sentence and how often each one
 retrieves its spelled-out twin, for random rows, for rows started as the
-mean of the word-pieces, and after training. Then it publishes the adapter
+mean of the word-pieces, and after trainer. Then it publishes the adapter
 to a registry, loads it onto a fresh model, stacks and switches adapters,
 merges one and saves a plain transformers model with its tokenizer, checking
 that the outputs stay the same. Nothing is downloaded. The default model is
@@ -540,7 +520,7 @@ def _main(words: list[str], prog: str) -> int:
         args = _parser().parse_args(words)
     except SystemExit as stop:  # --help, --version, or a usage error already printed on one line
         return stop.code if isinstance(stop.code, int) else _BAD_INPUT
-    from tt_core.errors import TTError
+    from tt_core.api.errors import TTError
 
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning

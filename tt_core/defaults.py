@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tt_core.config import AdapterConfig
-from tt_core.hookspecs import hookimpl
-from tt_core.layer import AdapterState
-from tt_core.targets import find_tied_modules, resolve_targets
+from tt_core.api.config import AdapterConfig
+from tt_core.api.hookspecs import hookimpl
+from tt_core.tensors.state import AdapterState
+from tt_core.tensors.targets import find_tied_modules, resolve_targets
 
 
 @hookimpl(trylast=True)

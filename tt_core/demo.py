@@ -10,7 +10,7 @@ frozen model's mean-pooled embedding of the spelled-out sentence is the
 target. It reports, on sentences of templates it never trained on, the
 cosine to the spelled-out sentence and whether each sentence retrieves its
 spelled-out twin, for random rows, for rows started as the mean of the
-word-pieces, and after training. Then it publishes the adapter to a
+word-pieces, and after trainer. Then it publishes the adapter to a
 registry, loads it back onto a fresh model, stacks a second adapter,
 switches, merges and saves a plain transformers model, checking each time
 that the outputs are the same.
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tt_core.cli import CommandError, _model_class
+from tt_core.commands import CommandError, model_class
 from tt_core.model import AdapterModel, get_adapter_model
 from tt_core.plugins import get_plugin_manager
 from tt_core.registry import Registry
@@ -178,7 +178,7 @@ def _load(folder: Path) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model = _model_class(folder).from_pretrained(str(folder), local_files_only=True)
+    model = model_class(folder).from_pretrained(str(folder), local_files_only=True)
     model.float().eval()  # float32 on the CPU, whatever the checkpoint's dtype
     return model, tokenizer
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import dataclasses
 import functools
 import inspect
 import os
-import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,64 +17,18 @@ import torch
 import tqdm
 from torch import nn
 
-from tt_core import manifest, peft_format, per_sample, serialization, status, storage, training
-from tt_core.config import AdapterConfig
-from tt_core.errors import AdapterStateError, ArgumentTypeError, ConfigError, PluginError
-from tt_core.layer import AdapterLayer, AdapterState
+from tt_core import serving, status
+from tt_core.api.config import AdapterConfig
+from tt_core.api.errors import AdapterStateError, ArgumentTypeError, ConfigError, PluginError
+from tt_core.disk import manifest, storage
+from tt_core.formats import native, peft, trainer
+from tt_core.merging import Merges
 from tt_core.plugins import get_plugin_manager
-from tt_core.targets import find_tied_modules, named_base_modules
-
-#: Adapter names key modules and name folders on disk; this keeps them safe as both.
-MAX_NAME_LENGTH = 64
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
-# Names an nn.ModuleDict already uses as attributes cannot be keys of one.
-_RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict()) if not name.startswith("__"))
-
-
-def check_adapter_name(adapter_name: object) -> str:
-    """Return ``adapter_name`` if it is a valid adapter name, else raise a ValueError saying why."""
-    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
-        raise ConfigError(
-            f"adapter name {adapter_name!r} must be letters, digits, '_' or '-' (ASCII only: it names a "
-            "module key and a folder on disk), e.g. 'chat_markers'"
-        )
-    if len(adapter_name) > MAX_NAME_LENGTH:
-        raise ConfigError(
-            f"adapter name {adapter_name[:20]}... is {len(adapter_name)} characters long; the limit is "
-            f"{MAX_NAME_LENGTH}. Pick a shorter name."
-        )
-    if adapter_name in _RESERVED_NAMES:
-        raise ConfigError(
-            f"adapter name {adapter_name!r} is taken by a PyTorch module attribute; pick another, "
-            f"e.g. {adapter_name + '_adapter'!r}"
-        )
-    return adapter_name
-
-
-@dataclasses.dataclass
-class _Site:
-    """One adapter state on one base weight, and every module name that uses it."""
-
-    state: AdapterState
-    modules: list[str]
-    declined: list[str]  # modules holding the same weight that the plugin chose not to adapt
-
-    def weight(self, model: nn.Module) -> torch.Tensor:
-        """The weight as the model holds it now; never cached, since
-        ``load_state_dict(..., assign=True)`` puts new Parameters in place."""
-        module = model.get_submodule(self.modules[0])
-        return module.base_layer.weight if isinstance(module, AdapterLayer) else module.weight  # type: ignore[return-value]
-
-
-@dataclasses.dataclass
-class _Record:
-    """Everything the model keeps about one adapter."""
-
-    config: AdapterConfig
-    sites: list[_Site]
-    trainable: bool  # its parameters' requires_grad (outside disable_adapter(), which freezes every one)
-    for_inference: bool  # loaded with is_trainable=False: set_adapter() keeps it frozen
-    fingerprint: dict[str, Any]  # of the base it was added to, written into saves
+from tt_core.records import AdapterRecord, Site, check_adapter_name
+from tt_core.tensors.distributed import whole_adapter_tensors
+from tt_core.tensors.state import AdapterState
+from tt_core.tensors.targets import find_tied_modules, named_base_modules
+from tt_core.tensors.wrapper import AdapterLayer, wrappers_in
 
 
 def _names(value: object, argument: str = "adapter_names") -> list[str]:
@@ -89,12 +41,12 @@ def _names(value: object, argument: str = "adapter_names") -> list[str]:
 
 
 def _call_model(adapter_model: AdapterModel, *args: Any, **kwargs: Any) -> Any:
-    return per_sample.call_with_adapter_names(adapter_model, adapter_model.model, args, kwargs)
+    return serving.call_with_adapter_names(adapter_model._serving, adapter_model.model, args, kwargs)
 
 
 # transformers.Trainer looks for label columns in the *class's* forward (it has no instance
 # there); most models call them ``labels``, and a dataset without such a column loses nothing.
-# Without it Trainer finds no labels, and evaluation reports no eval_loss. (tt_core/training.py)
+# Without it Trainer finds no labels, and evaluation reports no eval_loss. (tt_core/formats/trainer.py)
 _call_model.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
         inspect.Parameter("adapter_model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
@@ -113,7 +65,7 @@ class _ForwardWithModelSignature:
             return _call_model
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return per_sample.call_with_adapter_names(obj, obj.model, args, kwargs)
+            return serving.call_with_adapter_names(obj._serving, obj.model, args, kwargs)
 
         return functools.wraps(obj.model.forward)(forward)
 
@@ -135,10 +87,10 @@ class AdapterModel(nn.Module):
                 "add adapters through that AdapterModel, or unload() it first"
             )
         self.model = model
-        self._records: dict[str, _Record] = {}
+        self._records: dict[str, AdapterRecord] = {}
         self._disabled = 0  # depth of disable_adapter() blocks
         self._active: list[str] = []
-        self._merged: list[str] = []  # in the order they were merged
+        self._merges = Merges(model, self._records, self)  # the merge engine (tt_core/merging.py)
         self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -185,7 +137,7 @@ class AdapterModel(nn.Module):
         if not targets:
             raise PluginError(f"no plugin found a module to adapt for method {config.method!r}")
         modules = dict(named_base_modules(self.model))
-        sites: list[_Site] = []
+        sites: list[Site] = []
         covered: set[str] = set()
         for target in targets:
             if target in covered:
@@ -206,7 +158,7 @@ class AdapterModel(nn.Module):
             )
             shared = find_tied_modules(self.model, target)
             declined = [name for name in shared if name not in tied]
-            site = _Site(state, [target, *tied], declined)
+            site = Site(state, [target, *tied], declined)
             for name in site.modules:
                 AdapterLayer.check_wrappable(name, modules[name])
             covered.update(site.modules)
@@ -216,8 +168,8 @@ class AdapterModel(nn.Module):
             for name in site.modules:
                 self._wrapper(name).adapters[adapter_name] = site.state
             site.state.requires_grad_(False)
-        fingerprint = serialization.base_fingerprint(self.model, sites)
-        self._records[adapter_name] = _Record(config, sites, False, not is_trainable, fingerprint)
+        fingerprint = native.base_fingerprint(self.model, sites)
+        self._records[adapter_name] = AdapterRecord(config, sites, False, not is_trainable, fingerprint)
 
     def _wrapper(self, module_name: str) -> AdapterLayer:
         parent_name, _, child_name = module_name.rpartition(".")
@@ -228,11 +180,12 @@ class AdapterModel(nn.Module):
             setattr(parent, child_name, module)
         return module
 
-    def _wrappers(self) -> Iterator[tuple[nn.Module, str, AdapterLayer]]:
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, AdapterLayer):
-                parent_name, _, child_name = name.rpartition(".")
-                yield self.model.get_submodule(parent_name), child_name, module
+    def _wrappers(self) -> list[tuple[nn.Module, str, AdapterLayer]]:
+        return wrappers_in(self.model)
+
+    def _serving(self) -> serving.Adapters:
+        """What a per-sample call (``adapter_names=``) is checked against (tt_core/serving.py)."""
+        return serving.Adapters(self.model, self.adapters, self.merged_adapters, bool(self._disabled))
 
     # ------------------------------------------------------------- switching
     @property
@@ -273,11 +226,11 @@ class AdapterModel(nn.Module):
         if not isinstance(inference_mode, bool):
             raise ArgumentTypeError(f"inference_mode must be True or False, got {inference_mode!r}")
         self._refuse_while_disabled("set_adapter")
-        if self._merged:
+        if self._merges.merged:
             warnings.warn(
-                f"adapters {self._merged} are merged; unmerging them before switching", stacklevel=2
+                f"adapters {self._merges.merged} are merged; unmerging them before switching", stacklevel=2
             )
-            self._unmerge_all()
+            self._merges.unmerge_all()
         for name, record in self._records.items():
             record.trainable = name in names and not inference_mode and not record.for_inference
         self._activate(names)
@@ -332,9 +285,9 @@ class AdapterModel(nn.Module):
             raise ArgumentTypeError(f"adapter_name must be an adapter name, got {adapter_name!r}")
         self._check_known([adapter_name])
         self._refuse_while_disabled("delete_adapter")
-        merged = [name for name in self._merged if name != adapter_name]
-        if adapter_name in self._merged:  # unmerge it and whatever was merged after it
-            self._merge_exactly(self._merged[: self._merged.index(adapter_name)])
+        merged = [name for name in self._merges.merged if name != adapter_name]
+        if adapter_name in self._merges.merged:  # unmerge it and whatever was merged after it
+            self._merges.merge_exactly(self._merges.merged[: self._merges.merged.index(adapter_name)])
         for parent, child_name, wrapper in self._wrappers():
             if adapter_name in wrapper.adapters:
                 del wrapper.adapters[adapter_name]
@@ -353,7 +306,7 @@ class AdapterModel(nn.Module):
             for name, record in self._records.items():
                 record.trainable = name in active and not record.for_inference
         self._activate(active)
-        self._merge_exactly([name for name in merged if name in active])
+        self._merges.merge_exactly([name for name in merged if name in active])
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -365,8 +318,8 @@ class AdapterModel(nn.Module):
             finally:
                 self._disabled -= 1
             return
-        merged, active = list(self._merged), list(self._active)
-        self._unmerge_all()
+        merged, active = list(self._merges.merged), list(self._active)
+        self._merges.unmerge_all()
         self._disabled = 1  # every adapter is frozen inside; each gets its requires_grad back after
         self._activate([])
         try:
@@ -374,154 +327,16 @@ class AdapterModel(nn.Module):
         finally:
             self._disabled = 0
             self._activate(active)
-            self._merge_exactly(merged)
+            self._merges.merge_exactly(merged)
 
     def clear_inference_cache(self) -> None:
-        """Forget every stack folded for calls without a gradient (see :mod:`tt_core.folded`).
+        """Forget every stack folded for calls without a gradient (see :mod:`tt_core.tensors.folded`).
 
         Needed only after writing a weight through ``.data``, which no version
         counter sees; any other change of a weight is noticed by itself.
         """
         for _, _, layer in self._wrappers():
             layer.folded = None
-
-    # --------------------------------------------------------------- merging
-    def _check_merge_order(self, merge_order: list[str]) -> None:
-        """Refuse a merge whose base-first order changes what the active stack computes.
-
-        The model applies merged adapters first (they are in the weight), then the
-        unmerged active ones. Any pair whose order that swaps must commute.
-        """
-        applied = merge_order + [name for name in self._active if name not in merge_order]
-        stack = self._active
-        conflicts = []
-        for i, first in enumerate(stack):
-            for second in stack[i + 1 :]:
-                if applied.index(second) > applied.index(first):
-                    continue
-                for site_a in self._records[first].sites:
-                    for site_b in self._records[second].sites:
-                        same = site_a.weight(self.model) is site_b.weight(self.model)
-                        if same and not site_a.state.commutes_with(site_b.state):
-                            conflicts.append((first, second, site_a.modules[0]))
-        if conflicts:
-            lines = [
-                f"{a!r} ({self._records[a].config.method}) comes before {b!r} "
-                f"({self._records[b].config.method}) in the active stack and both change the same rows "
-                f"of {module}.weight"
-                for a, b, module in conflicts
-            ]
-            last = max(stack.index(name) for name in merge_order if name in stack)
-            raise AdapterStateError(
-                f"merging {merge_order} would change the outputs of the active stack {stack}: "
-                + "; ".join(lines)
-                + f". Merge a prefix of the stack instead, e.g. merge_adapter({stack[: last + 1]}), "
-                "or reorder the stack with set_adapter() first. Nothing was merged."
-            )
-
-    def _method_hooks(self, name: str) -> Any:
-        manager = get_plugin_manager()
-        return manager.hooks_for(manager.method_for(self._records[name].config).name)
-
-    def _check_ties(self, names: list[str]) -> None:
-        """Refuse to merge an adapter whose plugin declined a module sharing the weight."""
-        for name in names:
-            for site in self._records[name].sites:
-                if site.declined:
-                    raise AdapterStateError(
-                        f"adapter {name!r} ({self._records[name].config.method}) adapts {site.modules} but "
-                        f"not {site.declined}, which hold the same weight: merging it would change their "
-                        "outputs too. Use it unmerged, or have the plugin's tie_handler share it with them. "
-                        "Nothing was merged."
-                    )
-
-    def _check_merge_writes(self, names: list[str]) -> None:
-        """safe_merge: merge into copies of the weights, in their dtype, and refuse NaN or inf."""
-        training.reshard_fsdp(self)  # FSDP2: write into the sharded weights it keeps, not a gathered copy
-        copies: dict[int, torch.Tensor] = {}
-        applied: list[tuple[Any, _Site, torch.Tensor]] = []
-        try:
-            for name in names:
-                hooks = self._method_hooks(name)
-                for site in self._records[name].sites:
-                    weight = site.weight(self.model)
-                    copy_ = copies.setdefault(id(weight), weight.detach().clone())
-                    self._call_merge(hooks, name, site, copy_, unmerge=False)
-                    applied.append((hooks, site, copy_))
-                    if not bool(torch.isfinite(copy_).all()):
-                        dtype = str(copy_.dtype).removeprefix("torch.")
-                        raise AdapterStateError(
-                            f"merging adapter {name!r} would write NaN or inf into {site.modules[0]}.weight "
-                            f"({dtype}); safe_merge refused it and no weight was changed"
-                        )
-        finally:
-            for hooks, site, copy_ in reversed(applied):
-                self._call_merge(hooks, "", site, copy_, unmerge=True)
-
-    def _call_merge(self, hooks: Any, name: str, site: _Site, weight: torch.Tensor, unmerge: bool) -> None:
-        if hooks.merge(state=site.state, weight=weight, unmerge=unmerge) is not True:
-            verb = "unmerge" if unmerge else "merge"
-            raise PluginError(
-                f"the merge hook of {type(site.state).__name__} did not {verb} {site.modules[0]} (it must "
-                "return True once done)"
-            )
-
-    def _merge_one(self, name: str) -> None:
-        """Merge one adapter on every site, or on none; an adapter is never merged twice."""
-        if name in self._merged:
-            raise AdapterStateError(
-                f"adapter {name!r} is already merged (merged: {self._merged}); merging it again would apply "
-                "it twice. Nothing was changed."
-            )
-        training.reshard_fsdp(self)  # FSDP2: write into the sharded weights it keeps, not a gathered copy
-        hooks = self._method_hooks(name)
-        done: list[_Site] = []
-        try:
-            for site in self._records[name].sites:
-                self._call_merge(hooks, name, site, site.weight(self.model), unmerge=False)
-                site.state.merged = True
-                done.append(site)
-        except BaseException:
-            for site in reversed(done):
-                self._call_merge(hooks, name, site, site.weight(self.model), unmerge=True)
-                site.state.merged = False
-            raise
-        self._merged.append(name)
-
-    def _unmerge_last(self) -> None:
-        training.reshard_fsdp(self)  # FSDP2: write into the sharded weights it keeps, not a gathered copy
-        name = self._merged[-1]
-        hooks = self._method_hooks(name)
-        for site in reversed(self._records[name].sites):
-            self._call_merge(hooks, name, site, site.weight(self.model), unmerge=True)
-            site.state.merged = False
-        self._merged.pop()
-
-    def _unmerge_all(self) -> None:
-        while self._merged:
-            self._unmerge_last()
-
-    def _merge_exactly(self, names: list[str]) -> None:
-        """Leave exactly ``names`` merged, in this order: unmerge down to the longest common
-        prefix of what is merged and ``names``, then merge the rest (all of it, or none)."""
-        keep = 0
-        while keep < min(len(names), len(self._merged)) and self._merged[keep] == names[keep]:
-            keep += 1
-        while len(self._merged) > keep:
-            self._unmerge_last()
-        self._merge_all_or_none(names[keep:])
-
-    def _merge_all_or_none(self, names: list[str], progress: Callable[[int], Any] | None = None) -> None:
-        count = len(self._merged)
-        try:
-            for name in names:
-                self._merge_one(name)
-                if progress is not None:
-                    progress(1)
-        except BaseException:
-            while len(self._merged) > count:
-                self._unmerge_last()
-            raise
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold active adapters (default: all) into the base weights; outputs stay the same.
@@ -541,22 +356,22 @@ class AdapterModel(nn.Module):
                 "would change the outputs. Activate them with set_adapter() first, or use "
                 "merge_and_unload(adapter_names=...) to bake them into a plain model."
             )
-        new = [name for name in self._active if name in names and name not in self._merged]
-        self._check_merge_order(self._merged + new)
-        self._check_ties(new)
+        new = [name for name in self._active if name in names and name not in self._merges.merged]
+        self._merges.check_order(self._active, self._merges.merged + new)
+        self._merges.check_ties(new)
         if safe_merge:
-            self._check_merge_writes(new)
-        self._merge_all_or_none(new)
+            self._merges.check_writes(new)
+        self._merges.merge_all_or_none(new)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge, newest first; trainable-token rows come back bit for bit."""
         self._refuse_while_disabled("unmerge_adapter")
-        self._unmerge_all()
+        self._merges.unmerge_all()
 
     @property
     def merged_adapters(self) -> list[str]:
         """Adapters now folded into the base weights, in merge order."""
-        return list(self._merged)
+        return list(self._merges.merged)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -568,23 +383,23 @@ class AdapterModel(nn.Module):
         names = self.active_adapters if adapter_names is None else _names(adapter_names)
         self._check_known(names)
         self._refuse_while_disabled("merge_and_unload")
-        self._check_ties(names)
-        merged = list(self._merged)
-        self._unmerge_all()
+        self._merges.check_ties(names)
+        merged = list(self._merges.merged)
+        self._merges.unmerge_all()
         try:
             if safe_merge:
-                self._check_merge_writes(names)
+                self._merges.check_writes(names)
             with tqdm.tqdm(total=len(names), desc="merging", disable=not progressbar) as bar:
-                self._merge_all_or_none(names, bar.update)
+                self._merges.merge_all_or_none(names, bar.update)
         except BaseException:
-            self._merge_exactly(merged)
+            self._merges.merge_exactly(merged)
             raise
         return self._unload()
 
     def unload(self) -> nn.Module:
         """Return the base model as it was, without any adapter."""
         self._refuse_while_disabled("unload")
-        self._unmerge_all()
+        self._merges.unmerge_all()
         return self._unload()
 
     def _unload(self) -> nn.Module:
@@ -593,7 +408,8 @@ class AdapterModel(nn.Module):
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(self._base_requires_grad.get(name, True))
         self._records.clear()
-        self._active, self._merged = [], []
+        self._active = []
+        self._merges.merged.clear()
         return self.model
 
     def get_base_model(self) -> nn.Module:
@@ -612,21 +428,29 @@ class AdapterModel(nn.Module):
 
     def get_layer_status(self) -> list[status.LayerStatus]:
         """Each wrapped module's adapters: active, merged, trainable, devices (PEFT's fields)."""
-        return status.layer_status(self)
+        return status.layer_status(self.model, self.merged_adapters, enabled=not self._disabled)
 
     def get_model_status(self) -> status.ModelStatus:
         """The model's adapters in one report (PEFT's fields; ``peft_types`` holds method names)."""
-        return status.model_status(self)
+        return status.model_status(
+            self.model,
+            self._records,
+            self.active_adapters,
+            self.merged_adapters,
+            enabled=not self._disabled,
+            parameter_counts=self.get_nb_trainable_parameters(),
+            adapter_model_type=type(self).__name__,
+        )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's ``generate``, with the active stack applied.
 
         ``adapter_names=[...]`` (one entry per sample: a name, a list of names,
         or ``"__base__"``) runs each sample with its own stack instead; see
-        :mod:`tt_core.per_sample`.
+        :mod:`tt_core.serving`.
         """
         generate: Any = self.model.generate
-        return per_sample.call_with_adapter_names(self, generate, args, kwargs)
+        return serving.call_with_adapter_names(self._serving, generate, args, kwargs)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -668,11 +492,12 @@ class AdapterModel(nn.Module):
             )
         names = self.adapters if selected_adapters is None else _names(selected_adapters, "selected_adapters")
         self._check_known(names)
-        with training.whole_adapter_tensors(self):  # FSDP2: every rank gathers the rows; one writes
+        states = [site.state for record in self._records.values() for site in record.sites]
+        with whole_adapter_tensors(self, states):  # FSDP2: every rank gathers the rows; one writes
             if is_main_process and format == "peft":
-                peft_format.save(self, save_directory, names)
+                peft.save(self.model, self._records, self.active_adapters, save_directory, names)
             elif is_main_process:
-                serialization.save_pretrained(self, save_directory, names)
+                native.save_pretrained(self.model, self._records, self.active_adapters, save_directory, names)
 
     @classmethod
     def from_pretrained(
@@ -694,19 +519,17 @@ class AdapterModel(nn.Module):
         adapter_model = cls(model)
         try:
             root = Path(model_id)
-            if peft_format.is_peft_folder(root):  # PEFT's layout, converted (docs/peft.md)
-                adapter_model.set_adapter(
-                    peft_format.load(adapter_model, root, adapter_name, is_trainable, strict)
-                )
-            elif adapter_name is None and training.is_trainer_folder(root):  # Trainer's save_model()
-                active, saved = training.read_trainer_folder(root)
+            if peft.is_peft_folder(root):  # PEFT's layout, converted (docs/peft.md)
+                adapter_model.set_adapter(adapter_model._load_peft(root, adapter_name, is_trainable, strict))
+            elif adapter_name is None and trainer.is_trainer_folder(root):  # Trainer's save_model()
+                active, saved = trainer.read_trainer_folder(root)
                 for name, adapter in saved.items():
-                    serialization.load_adapter(adapter_model, adapter, name, is_trainable, strict)
+                    adapter_model.load_saved(adapter, name, is_trainable, strict)
                 adapter_model.set_adapter(active or list(saved))
             elif adapter_name is None and manifest.exists(root):
                 found, saved = storage.read_all(root)
                 for name, adapter in saved.items():
-                    serialization.load_adapter(adapter_model, adapter, name, is_trainable, strict)
+                    adapter_model.load_saved(adapter, name, is_trainable, strict)
                 adapter_model.set_adapter(found.active or list(saved))
             else:
                 name = "default" if adapter_name is None else adapter_name
@@ -738,20 +561,57 @@ class AdapterModel(nn.Module):
         A PEFT folder is converted (docs/peft.md); a LoRA with
         ``trainable_token_indices`` loads as ``adapter_name`` and ``adapter_name + "_tokens"``.
         """
-        if peft_format.is_peft_folder(model_id):
-            names = peft_format.load(self, model_id, adapter_name, is_trainable, strict)
+        if peft.is_peft_folder(model_id):
+            names = self._load_peft(model_id, adapter_name, is_trainable, strict)
         else:
-            if training.is_trainer_folder(model_id):  # a folder Trainer wrote (tt_core/training.py)
-                _, found = training.read_trainer_folder(model_id, adapter_name)
+            if trainer.is_trainer_folder(model_id):  # a folder Trainer wrote (tt_core/formats/trainer.py)
+                _, found = trainer.read_trainer_folder(model_id, adapter_name)
                 saved = next(iter(found.values()))
             else:
                 saved = storage.read(Path(model_id), adapter_name)
-            serialization.load_adapter(self, saved, adapter_name, is_trainable=is_trainable, strict=strict)
+            self.load_saved(saved, adapter_name, is_trainable=is_trainable, strict=strict)
             names = [adapter_name]
         if is_trainable:
             self.set_requires_grad(names)
 
-    # ------------------------------------------- Trainer, DDP, FSDP2 (tt_core/training.py)
+    def load_saved(
+        self, saved: storage.SavedAdapter, adapter_name: str, is_trainable: bool = False, strict: bool = True
+    ) -> None:
+        """Add the verified adapter ``saved`` (read by :mod:`tt_core.disk.storage`) as ``adapter_name``.
+
+        Inactive, as :meth:`add_adapter` adds it; on any error the model is left as it was.
+        """
+        config, tensors = native.read_adapter(saved, adapter_name, self.model, strict)
+        self.add_adapter(adapter_name, config, is_trainable=is_trainable)
+        try:
+            native.fill(self._records[adapter_name], tensors, saved.folder / manifest.WEIGHTS_FILE)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_peft(
+        self, path: str | os.PathLike[str], adapter_name: str | None, is_trainable: bool, strict: bool
+    ) -> list[str]:
+        """Add the PEFT adapters of ``path`` (:func:`tt_core.formats.peft.read`), all or none;
+        return the names to activate."""
+        converted, active = peft.read(path, adapter_name, model=self.model, strict=strict)
+        added: list[str] = []
+        try:
+            for name, saved in converted.items():
+                self.load_saved(saved, name, is_trainable=is_trainable, strict=strict)
+                added.append(name)
+        except BaseException:
+            for name in reversed(added):
+                self.delete_adapter(name)
+            raise
+        return active
+
+    def adapter_record(self, adapter_name: str) -> AdapterRecord:
+        """The record of one adapter (config, sites, base fingerprint), as the formats take it."""
+        self._check_known([adapter_name])
+        return self._records[adapter_name]
+
+    # ------------------------------------------- Trainer, DDP, FSDP2 (tt_core/formats/trainer.py)
     # transformers.Trainer saves and resumes any nn.Module through state_dict() and
     # load_state_dict(state, strict=False). An AdapterModel's state is its adapters:
     # checkpoints hold the rows (once, even when tied) and a description of them,
@@ -772,10 +632,10 @@ class AdapterModel(nn.Module):
             for site in record.sites:
                 site.state.state_dict(
                     destination=destination,
-                    prefix=prefix + training.module_key(name, site.modules[0], ""),
+                    prefix=prefix + trainer.module_key(name, site.modules[0], ""),
                     keep_vars=keep_vars,
                 )
-        destination[prefix + training.EXTRA_STATE_KEY] = self.get_extra_state()
+        destination[prefix + trainer.EXTRA_STATE_KEY] = self.get_extra_state()
         return destination
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
@@ -792,9 +652,9 @@ class AdapterModel(nn.Module):
                 "AdapterModel's state_dict() holds its adapters only; load base-model weights into "
                 "adapter_model.model"
             )
-        if self._merged:
+        if self._merges.merged:
             raise AdapterStateError(
-                f"adapters {self._merged} are merged into the base weights; unmerge_adapter() before "
+                f"adapters {self._merges.merged} are merged into the base weights; unmerge_adapter() before "
                 "loading adapter rows, or the weights would keep the old ones"
             )
         ours = {key: value for key, value in state_dict.items() if key in expected}
@@ -802,17 +662,18 @@ class AdapterModel(nn.Module):
         return _IncompatibleKeys(missing, unexpected)
 
     def get_extra_state(self) -> torch.Tensor:
-        return training.encode(training.describe(self))
+        return trainer.encode(trainer.describe(self.model, self._records, self.active_adapters))
 
     def set_extra_state(self, state: Any) -> None:
         """Refuse a state whose adapters this model lacks or has with other configs."""
-        training.check_matches(self, training.decode(state, "the state_dict"), "the state_dict")
+        document = trainer.decode(state, "the state_dict")
+        trainer.check_matches(self.model, self._records, document, "the state_dict")
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
         # Read by DistributedDataParallel: the adapters' constant buffers (token ids, the id-to-row
         # table) are built by every rank, so they need no broadcast every step.
-        return training.ddp_ignored_names(self) + list(self.__dict__.get("_ddp_also_ignored", []))
+        return trainer.ddp_ignored_names(self._records) + list(self.__dict__.get("_ddp_also_ignored", []))
 
     @_ddp_params_and_buffers_to_ignore.setter
     def _ddp_params_and_buffers_to_ignore(self, names: list[str]) -> None:

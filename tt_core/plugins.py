@@ -26,48 +26,14 @@ from typing import Any
 
 import pluggy
 
-from tt_core import defaults, hookspecs
-from tt_core.config import AdapterConfig
-from tt_core.errors import ArgumentTypeError, PluginError
+from tt_core import defaults
+from tt_core.api import hookspecs
+from tt_core.api.config import AdapterConfig
+from tt_core.api.errors import PluginError
+from tt_core.api.register import Method, MethodRegister
 
 ENTRY_POINT_GROUP = "tt_core.plugins"
 DEFAULTS_NAME = "tt_core.defaults"
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One adapter method: its name, config class and the plugin providing it."""
-
-    name: str
-    config_class: type[AdapterConfig]
-    plugin: str
-    distribution: str | None = None  # the installed package providing it, if any
-    version: str | None = None
-
-
-class MethodRegister:
-    """Handed to ``register_methods``; a plugin calls it once per config class."""
-
-    def __init__(self, plugin_name: str) -> None:
-        self.plugin_name = plugin_name
-        self.methods: list[Method] = []
-
-    def __call__(self, config_class: type[AdapterConfig], *extra: Any) -> None:
-        if extra:
-            raise ArgumentTypeError(
-                "register() takes only the config class; the method's name is its `method` class "
-                f"attribute (got register({config_class!r}, {', '.join(map(repr, extra))}))"
-            )
-        if not (isinstance(config_class, type) and issubclass(config_class, AdapterConfig)):
-            raise ArgumentTypeError(
-                f"register() needs a subclass of tt_core.AdapterConfig, got {config_class!r}"
-            )
-        name = config_class.method
-        if not isinstance(name, str) or not name:
-            raise PluginError(
-                f"{config_class.__name__} must set the class attribute `method` to the method's name"
-            )
-        self.methods.append(Method(name, config_class, self.plugin_name))
 
 
 class PluginManager(pluggy.PluginManager):
@@ -78,7 +44,7 @@ class PluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.failures: list[tuple[str, str]] = []
         self._methods: dict[str, Method] = {}
-        self._callers: dict[str, _MethodHooks] = {}
+        self._callers: dict[str, MethodHooks] = {}
         self._table: dict[str, Method] | None = None  # _methods with distributions, built on first use
         self.register(defaults, name=DEFAULTS_NAME)
 
@@ -225,12 +191,12 @@ class PluginManager(pluggy.PluginManager):
             )
         return method
 
-    def hooks_for(self, method_name: str) -> _MethodHooks:
+    def hooks_for(self, method_name: str) -> MethodHooks:
         """The hooks of one method: its plugin's answers, then the core defaults."""
         if method_name not in self._callers:
             owner = self.get_plugin(self._methods[method_name].plugin)
             others = [p for p in self.get_plugins() if p is not owner and p is not defaults]
-            self._callers[method_name] = _MethodHooks(self, others)
+            self._callers[method_name] = MethodHooks(self, others)
         return self._callers[method_name]
 
     def config_from_dict(self, data: dict[str, Any]) -> AdapterConfig:
@@ -244,14 +210,15 @@ class PluginManager(pluggy.PluginManager):
         return self._methods[name].config_class.from_dict(data)
 
 
-class _MethodHooks:
-    """``detect_target``, ``create_layer``, ``tie_handler`` and ``merge`` of one method's plugin."""
+class MethodHooks:
+    """The hooks asked of one method's plugin only (then of the core defaults)."""
 
     def __init__(self, manager: PluginManager, others: list[object]) -> None:
         self.detect_target = manager.subset_hook_caller("detect_target", others)
         self.create_layer = manager.subset_hook_caller("create_layer", others)
         self.tie_handler = manager.subset_hook_caller("tie_handler", others)
         self.merge = manager.subset_hook_caller("merge", others)
+        self.peft_export = manager.subset_hook_caller("peft_export", others)
 
 
 _manager: PluginManager | None = None

@@ -29,10 +29,12 @@ from typing import Any
 import platformdirs
 from torch import nn
 
-from tt_core import manifest, peft_format, serialization, storage
-from tt_core.errors import RegistryError, StorageError
-from tt_core.manifest import ADAPTER_MANIFEST
-from tt_core.model import AdapterModel, check_adapter_name
+from tt_core.api.errors import RegistryError, StorageError
+from tt_core.disk import manifest, storage
+from tt_core.disk.manifest import ADAPTER_MANIFEST
+from tt_core.formats import native, peft
+from tt_core.model import AdapterModel
+from tt_core.records import check_adapter_name
 
 ENTRY_POINT_GROUP = "tt_core.adapters"
 PACKAGED_VERSION = 1
@@ -148,8 +150,8 @@ def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str, a
 
 def saved_adapter_names(path: str | os.PathLike[str]) -> list[str]:
     """The adapters a saved folder holds: one ``save_pretrained`` wrote, or PEFT's; [] when it is neither."""
-    if peft_format.is_peft_folder(path):
-        return peft_format.adapter_names(path)
+    if peft.is_peft_folder(path):
+        return peft.adapter_names(path)
     if manifest.exists(Path(path)):
         return sorted(manifest.read(Path(path)).adapters)
     return []
@@ -196,8 +198,7 @@ class Registry:
                     f"the model has adapters {adapter_model.adapters}; say which to publish with adapter=..."
                 )
             adapter = candidates[0]
-        adapter_model._check_known([adapter])
-        files, entry = serialization.adapter_files(adapter_model, adapter)
+        files, entry = native.adapter_files(adapter_model.model, adapter_model.adapter_record(adapter))
         tokens = added_tokens(tokenizer) if tokenizer is not None else []
         return self._publish(name, files, entry, description, tokens)
 
@@ -218,11 +219,11 @@ class Registry:
             names = saved_adapter_names(path)
             if len(names) > 1:
                 raise RegistryError(f"{path} holds adapters {names}; say which to publish with adapter=...")
-        if peft_format.is_peft_folder(path):
-            saved = peft_format.read_one(path, adapter)
+        if peft.is_peft_folder(path):
+            saved = peft.read_one(path, adapter)
         else:
             saved = storage.read(Path(path), adapter)
-        serialization.read_config(saved)
+        native.read_config(saved)
         entry = {key: value for key, value in saved.entry.items() if key != "path"}
         files = dict(saved.files)
         files[ADAPTER_MANIFEST] = (json.dumps(entry, indent=2) + "\n").encode()
@@ -398,20 +399,20 @@ class Registry:
                 saved[info.name] = next(iter(storage.read_all(info.path, info.name)[1].values()))
             except (FileNotFoundError, storage.MissingFiles):
                 raise ValueError(f"{info.spec} was removed while it was being loaded") from None
-            serialization.read_config(saved[info.name])
+            native.read_config(saved[info.name])
         if tokenizer is not None:
             self._prepare_tokenizer(base_model, into, tokenizer, infos)
         target = into if into is not None else AdapterModel(base_model)
         loaded: list[str] = []
         try:
             for info in infos:
-                serialization.load_adapter(target, saved[info.name], info.name, is_trainable, strict)
+                target.load_saved(saved[info.name], info.name, is_trainable, strict)
                 loaded.append(info.name)
         except BaseException:
             for name in loaded:
                 target.delete_adapter(name)
             if into is None:
-                target._unload()
+                target.unload()  # gives back the requires_grad flags it froze
             raise
         if into is None:
             target.set_adapter(names)
@@ -520,7 +521,7 @@ class Registry:
                     info = self.info(spec)
                     _, saved = storage.read_all(info.path)
                     for adapter in saved.values():
-                        serialization.read_config(adapter)
+                        native.read_config(adapter)
                 except (OSError, ValueError) as error:
                     problems.append(f"{spec}: {error}")
         for folder in self._half_removed():

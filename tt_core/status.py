@@ -1,14 +1,17 @@
-"""PEFT's status reports (``get_layer_status``, ``get_model_status``) for an AdapterModel."""
+"""PEFT's status reports (``get_layer_status``, ``get_model_status``) from the model and its records."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
-from tt_core.layer import AdapterLayer
+from torch import nn
+
+from tt_core.tensors.wrapper import AdapterLayer
 
 if TYPE_CHECKING:
-    from tt_core.model import AdapterModel
+    from tt_core.records import AdapterRecord
 
 Irregular = Literal["irregular"]
 
@@ -51,10 +54,10 @@ def _flags(values: set[bool]) -> bool | Irregular:
     return values.pop() if len(values) == 1 else "irregular"
 
 
-def layer_status(adapter_model: AdapterModel) -> list[LayerStatus]:
-    merged = adapter_model.merged_adapters
+def layer_status(model: nn.Module, merged: list[str], enabled: bool) -> list[LayerStatus]:
+    """Each wrapped module of ``model``: its adapters, active, merged (of ``merged``), trainable, devices."""
     statuses = []
-    for name, module in adapter_model.model.named_modules():
+    for name, module in model.named_modules():
         if not isinstance(module, AdapterLayer):
             continue
         available = list(module.adapters.keys())
@@ -62,7 +65,7 @@ def layer_status(adapter_model: AdapterModel) -> list[LayerStatus]:
             LayerStatus(
                 name=name,
                 module_type=f"tt.{type(module.base_layer).__name__}",
-                enabled=not adapter_model._disabled,
+                enabled=enabled,
                 active_adapters=list(module.active_adapters),
                 merged_adapters=[adapter for adapter in merged if adapter in available],
                 requires_grad={
@@ -81,9 +84,18 @@ def layer_status(adapter_model: AdapterModel) -> list[LayerStatus]:
     return statuses
 
 
-def model_status(adapter_model: AdapterModel) -> ModelStatus:
-    layers = layer_status(adapter_model)
-    trainable, total = adapter_model.get_nb_trainable_parameters()
+def model_status(
+    model: nn.Module,
+    records: Mapping[str, AdapterRecord],
+    active: list[str],
+    merged: list[str],
+    enabled: bool,
+    parameter_counts: tuple[int, int],
+    adapter_model_type: str = "AdapterModel",
+) -> ModelStatus:
+    """The adapters of ``model`` in one report; ``parameter_counts`` is (trainable, total)."""
+    layers = layer_status(model, merged, enabled)
+    trainable, total = parameter_counts
     requires_grad: dict[str, bool | Irregular] = {}
     devices: dict[str, list[str]] = {}
     for layer in layers:
@@ -91,16 +103,16 @@ def model_status(adapter_model: AdapterModel) -> ModelStatus:
             requires_grad[adapter] = flag if requires_grad.get(adapter, flag) == flag else "irregular"
             devices[adapter] = sorted(set(devices.get(adapter, [])) | set(layer.devices[adapter]))
     return ModelStatus(
-        base_model_type=type(adapter_model.model).__name__,
-        adapter_model_type=type(adapter_model).__name__,
-        peft_types={name: config.method for name, config in adapter_model.adapter_configs.items()},
+        base_model_type=type(model).__name__,
+        adapter_model_type=adapter_model_type,
+        peft_types={name: record.config.method for name, record in records.items()},
         trainable_params=trainable,
         total_params=total,
         num_adapter_layers=len(layers),
-        enabled=not adapter_model._disabled,
-        active_adapters=adapter_model.active_adapters,
-        merged_adapters=adapter_model.merged_adapters,
+        enabled=enabled,
+        active_adapters=list(active),
+        merged_adapters=list(merged),
         requires_grad=requires_grad,
-        available_adapters=adapter_model.adapters,
+        available_adapters=list(records),
         devices=devices,
     )

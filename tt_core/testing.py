@@ -22,7 +22,7 @@ The checks (each named in :data:`CHECKS`):
 
 ``outputs``
     The adapter alone gives the outputs of the base model whose adapted weights
-    are replaced by ``fold(state, weight)``, in inference and in training.
+    are replaced by ``fold(state, weight)``, in inference and in trainer.
 ``stacks``
     The same stacked before and after a trainable-tokens adapter touching some
     of the same rows, outputs and gradients; skipped when the
@@ -80,10 +80,11 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tt_core.config import AdapterConfig
-from tt_core.layer import AdapterLayer, AdapterState
+from tt_core.api.config import AdapterConfig
 from tt_core.model import AdapterModel
 from tt_core.plugins import get_plugin_manager
+from tt_core.tensors.state import AdapterState
+from tt_core.tensors.wrapper import AdapterLayer
 
 __all__ = [
     "CHECKS",
@@ -457,7 +458,7 @@ def check_forward_hooks(family: str, make_config: ConfigFactory, fold: Fold) -> 
                     assert torch.equal(output.detach(), clone), (
                         f"{family}, stack {stack}, training={training}, grad={grad}: the output handed to "
                         f"{name}'s forward hook changed after the hook ran; write in place only where "
-                        "tt_core.layer.output_writable(earlier) says nothing else holds the tensor"
+                        "tt_core.tensors.state.output_writable(earlier) says nothing else holds the tensor"
                     )
     finally:
         for handle in handles:

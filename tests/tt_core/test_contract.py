@@ -17,8 +17,9 @@ from numerics import assert_same_math
 from torch import nn
 
 import tt_core
+import tt_core.disk.manifest
 from tt_core import AdapterConfig, AdapterModel, AdapterState, get_adapter_model, hookimpl
-from tt_core.errors import PluginError
+from tt_core.api.errors import PluginError
 from tt_core.plugins import PluginManager
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
@@ -263,7 +264,7 @@ def test_tt_disable_plugins_leaves_plugins_out_by_name(monkeypatch):
 def test_saves_record_the_plugins_distribution(tmp_path):
     adapter_model = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5]))
     adapter_model.save_pretrained(tmp_path)
-    entry = tt_core.manifest.read(tmp_path).adapters["default"]
+    entry = tt_core.disk.manifest.read(tmp_path).adapters["default"]
     assert (entry["distribution"], entry["distribution_version"]) == ("tt-adapters", tt_core_version())
 
 
@@ -298,7 +299,7 @@ def test_a_merge_failing_on_the_second_site_undoes_the_first(register):
     adapter_model = get_adapter_model(
         model, AddRowsConfig(token_indices=[5], target_modules=["embed_tokens", "lm_head"])
     )
-    sites = adapter_model._records["default"].sites
+    sites = adapter_model.adapter_record("default").sites
     assert [site.modules for site in sites] == [["model.embed_tokens"], ["lm_head"]]
     sites[1].state.fail_merge = True
     before = _snapshot(model)
@@ -457,7 +458,7 @@ def test_loading_an_adapter_whose_plugin_is_missing_names_the_package_to_install
     monkeypatch.setenv("TT_DISABLE_PLUGINS", "trainable_tokens")
     without = PluginManager()
     without.load_entry_points()
-    monkeypatch.setattr(tt_core.serialization, "get_plugin_manager", lambda: without)
+    monkeypatch.setattr(tt_core.formats.native, "get_plugin_manager", lambda: without)
     model = build("llama")
     with pytest.raises(
         ValueError,

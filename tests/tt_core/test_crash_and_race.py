@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from workers import common
 
-from tt_core import AdapterModel, manifest, storage
+from tt_core import AdapterModel
+from tt_core.disk import manifest, storage
 from tt_core.registry import Registry
 
 WORKER = Path(__file__).resolve().parents[1] / "support" / "workers" / "worker.py"

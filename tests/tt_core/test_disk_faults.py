@@ -19,9 +19,9 @@ import torch
 from models import batch, build, logits
 
 from tt_core import AdapterLayer, AdapterModel, get_adapter_model
+from tt_core.api.errors import SavedFolderError
 from tt_core.cli import main as tt
-from tt_core.errors import SavedFolderError
-from tt_core.serialization import weight_fingerprint
+from tt_core.formats.native import weight_fingerprint
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
@@ -533,7 +533,7 @@ def test_the_fingerprint_under_a_merged_lora_is_the_clean_bases_bit_for_bit():
     adapter_model.set_adapter("style")
     adapter_model.merge_adapter()
     adapter_model.add_adapter("tokens", TrainableTokensConfig(token_indices=[4100, 4101], init_weights=False))
-    assert adapter_model._records["tokens"].fingerprint["weights"]["emb"] == clean
+    assert adapter_model.adapter_record("tokens").fingerprint["weights"]["emb"] == clean
     # What the fingerprint would be if it were taken by subtracting the update again:
     weight = adapter_model.model.emb.base_layer.weight.detach().clone()
     adapter_model.model.emb.adapters["style"].unmerge_from(weight)
@@ -550,7 +550,7 @@ def test_a_base_changed_under_a_merged_lora_is_fingerprinted_as_changed():
     adapter_model.set_adapter("style")
     adapter_model.merge_adapter()
     adapter_model.add_adapter("tokens", TrainableTokensConfig(token_indices=[4100, 4101], init_weights=False))
-    recorded = adapter_model._records["tokens"].fingerprint["weights"]["emb"]
+    recorded = adapter_model.adapter_record("tokens").fingerprint["weights"]["emb"]
     assert recorded["sha256"] != weight_fingerprint(_Embedding().emb.weight, torch.tensor([4100]))["sha256"]
     assert recorded["rows"] == changed["rows"] == 4096
 
@@ -608,7 +608,7 @@ def test_a_save_into_a_newer_or_damaged_folder_is_refused_untouched(saved, chang
 
 
 def _fail_on_second_snapshot(monkeypatch):
-    from tt_core import storage
+    from tt_core.disk import storage
 
     real, calls = storage.write_snapshot, []
 
@@ -622,7 +622,7 @@ def _fail_on_second_snapshot(monkeypatch):
 
 
 def _fail_half_way_through_the_second_weights_file(monkeypatch):
-    from tt_core import storage
+    from tt_core.disk import storage
 
     real, calls = storage.write_file, []
 
@@ -638,7 +638,7 @@ def _fail_half_way_through_the_second_weights_file(monkeypatch):
 
 
 def _fail_on_the_manifest_switch(monkeypatch):
-    from tt_core import storage
+    from tt_core.disk import storage
 
     def replace(source, destination):
         raise OSError(28, "No space left on device (disk full)")

@@ -5,7 +5,7 @@ from models import build
 
 import tt_core
 from tt_core import AdapterModel, get_adapter_model
-from tt_core.errors import ArgumentTypeError, ConfigError, SavedFolderError, TTError
+from tt_core.api.errors import ArgumentTypeError, ConfigError, SavedFolderError, TTError
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 

@@ -10,7 +10,7 @@ import pytest
 
 import tt_core
 from tt_core import AdapterConfig, hookimpl
-from tt_core.errors import PluginError
+from tt_core.api.errors import PluginError
 from tt_core.plugins import PluginManager
 
 
@@ -46,10 +46,7 @@ def test_strict_mode_turns_a_broken_plugin_into_an_error(tmp_path, monkeypatch):
 
 def test_a_plugin_registering_a_bad_method_is_skipped(tmp_path, monkeypatch):
     (tmp_path / "bad_method_plugin.py").write_text(
-        "from tt_core import hookimpl\n"
-        "@hookimpl\n"
-        "def register_methods(register):\n"
-        "    register(dict)\n"
+        "from tt_core import hookimpl\n@hookimpl\ndef register_methods(register):\n    register(dict)\n"
     )
     _fake_distribution(tmp_path, "bad = bad_method_plugin\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -177,7 +174,8 @@ def test_the_method_table_is_built_once_until_a_plugin_comes_or_goes(monkeypatch
 
 
 def test_one_plugin_surface():
-    from tt_core import defaults, hookspecs, plugins
+    from tt_core import defaults, plugins
+    from tt_core.api import hookspecs
 
     assert tt_core.hookimpl is hookspecs.hookimpl is defaults.hookimpl
     assert tt_core.MethodRegister is plugins.MethodRegister

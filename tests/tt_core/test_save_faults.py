@@ -26,7 +26,8 @@ import pytest
 import torch
 from models import build
 
-from tt_core import AdapterModel, storage
+from tt_core import AdapterModel
+from tt_core.disk import storage
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
 TOKENS = [10, 11, 12]

@@ -466,7 +466,7 @@ def test_low_rank_and_row_adapters_in_any_order_take_one_pass_each(bias, opted_i
 
 
 def test_a_caller_of_project_with_a_plain_list_gets_its_output_left_alone():
-    from tt_core.layer import AppliedAdapters
+    from tt_core.tensors.state import AppliedAdapters
 
     weight = torch.randn(64, 16)
     lora, tokens = _lora(weight, 1), TrainableTokensLayer(weight, [3, 9], init_weights=False)
@@ -484,7 +484,7 @@ def test_a_caller_of_project_with_a_plain_list_gets_its_output_left_alone():
 
 
 def test_add_low_rank_keeps_a_non_contiguous_output_correct():
-    from tt_core.layer import add_low_rank
+    from tt_core.tensors.kernels import add_low_rank
 
     output = torch.randn(64, 6).T  # (6, 64), not contiguous
     left, right = torch.randn(6, 2, requires_grad=True), torch.randn(2, 64, requires_grad=True)
@@ -498,7 +498,7 @@ def test_add_low_rank_keeps_a_non_contiguous_output_correct():
 @pytest.mark.parametrize("tokens", [31, 32, 33, 100])
 def test_the_shared_pass_gradients_equal_the_plain_products_for_any_number_of_tokens(tokens):
     # On the CPU the backward takes the output gradient block of rows by block of rows.
-    from tt_core.layer import add_low_rank
+    from tt_core.tensors.kernels import add_low_rank
 
     torch.manual_seed(0)
     base = torch.randn(tokens, 16, requires_grad=True)

@@ -8,8 +8,8 @@ import numbers
 from typing import ClassVar
 
 from tt_core import AdapterConfig
-from tt_core.config import check_target_modules
-from tt_core.errors import ConfigError
+from tt_core.api.config import check_target_modules
+from tt_core.api.errors import ConfigError
 
 
 @dataclasses.dataclass

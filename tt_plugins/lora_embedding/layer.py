@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tt_core import AdapterState
-from tt_core.layer import add_low_rank, embedding_scale, output_writable
+from tt_core.tensors.kernels import add_low_rank
+from tt_core.tensors.state import embedding_scale, output_writable
 
 _STD_SAMPLE_ROWS = 4096
 

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tt_core import MethodRegister, hookimpl, peft_format
-from tt_core.errors import ConfigError
-from tt_core.targets import find_tied_modules, input_embedding_name, named_base_modules
+from tt_core import MethodRegister, hookimpl
+from tt_core.api import peft_hooks
+from tt_core.api.errors import ConfigError
+from tt_core.tensors.targets import find_tied_modules, input_embedding_name, named_base_modules
 from tt_plugins.lora_embedding.config import LoraEmbeddingConfig
 from tt_plugins.lora_embedding.layer import LoraEmbeddingLayer
 
@@ -244,7 +245,7 @@ def peft_import(
 ) -> tuple[LoraEmbeddingConfig, dict[str, torch.Tensor]] | None:
     if peft_config.get("peft_type") != "LORA":
         return None
-    peft_format.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
+    peft_hooks.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
     bias = peft_config.get("bias", "none")
     if bias != "none":
         raise ConfigError(

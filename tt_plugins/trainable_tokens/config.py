@@ -8,8 +8,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from tt_core import AdapterConfig
-from tt_core.config import check_target_modules
-from tt_core.errors import ArgumentTypeError, ConfigError
+from tt_core.api.config import check_target_modules
+from tt_core.api.errors import ArgumentTypeError, ConfigError
+from tt_plugins.trainable_tokens.tokens import add_tokens_for, token_ids
 
 TokenIndices = list[int] | dict[str, list[int]]
 
@@ -78,8 +79,6 @@ class TrainableTokensConfig(AdapterConfig):
         Strings the tokenizer splits are an error naming them; add those with
         :meth:`add_new_tokens`. ``kwargs`` are the config's other fields.
         """
-        from tt_plugins.trainable_tokens.tokens import token_ids
-
         if "token_indices" in kwargs:
             raise ArgumentTypeError("from_tokens() takes the ids from tokens; drop token_indices")
         return cls(token_indices=token_ids(tokenizer, tokens), **kwargs)
@@ -100,10 +99,8 @@ class TrainableTokensConfig(AdapterConfig):
         (a tied head stays tied), initialising the new rows, and this config.
         ``tokens``: a list, or ``{token: description}`` to start a row from
         the description's pieces. Tokens the tokenizer already has are an
-        error (see :func:`tt_plugins.trainable_tokens.tokens.add_new_tokens`).
+        error (see :func:`add_new_tokens`).
         """
-        from tt_plugins.trainable_tokens.tokens import add_tokens_for
-
         return add_tokens_for(cls, model, tokenizer, tokens, special_tokens, kwargs)
 
     def indices_for(self, target_name: str) -> list[int] | None:
@@ -114,3 +111,37 @@ class TrainableTokensConfig(AdapterConfig):
             if target_name == key or target_name.endswith("." + key):
                 return ids
         return None
+
+
+def add_new_tokens(
+    model: Any,
+    tokenizer: Any,
+    tokens: Iterable[Any] | Mapping[Any, str | None],
+    *,
+    special_tokens: bool = False,
+    **config_kwargs: Any,
+) -> TrainableTokensConfig:
+    """Add ``tokens`` to ``tokenizer`` and ``model``; return the config that trains their rows.
+
+    ``tokens`` is a list of new tokens (strings, or ``tokenizers.AddedToken``
+    for control over stripping), or a ``{token: description}`` dict. Each new
+    row of the input embedding (and of an untied LM head, and its bias) starts
+    as the mean of the rows of the word-pieces the tokenizer split the token
+    into *before* it was added, or of the pieces of its description (``None``
+    as a description means the token's own text). The mean is of the stored
+    rows, so a model that scales its embedding output (Gemma) stays consistent.
+
+    The embeddings are resized to ``len(tokenizer)`` when they are too small
+    (never shrunk: a model with spare rows, as T5's, keeps them), and a tied
+    LM head stays tied. ``special_tokens`` is passed to ``tokenizer.add_tokens``;
+    ``config_kwargs`` go to :class:`TrainableTokensConfig` (``init_weights``,
+    ``target_modules``).
+
+    A token the tokenizer already has (in its vocabulary, or encoding to one
+    token) is an error naming it: this adds new tokens only, and never
+    re-initialises a trained row. To train existing tokens' rows use
+    ``TrainableTokensConfig.from_tokens(tokens, tokenizer)``. Every check runs
+    before anything changes, and the tokens are first added to a copy of the
+    tokenizer, so a refused call leaves ``model`` and ``tokenizer`` as they were.
+    """
+    return add_tokens_for(TrainableTokensConfig, model, tokenizer, tokens, special_tokens, config_kwargs)

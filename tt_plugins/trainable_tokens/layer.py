@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tt_core import AdapterState
-from tt_core.errors import AdapterStateError
-from tt_core.layer import embedding_scale, output_writable, replace_columns
-from tt_core.training import held_rows, is_dtensor
+from tt_core.api.errors import AdapterStateError
+from tt_core.tensors.distributed import held_rows, is_dtensor
+from tt_core.tensors.kernels import replace_columns
+from tt_core.tensors.state import embedding_scale, output_writable
 
 _STD_SAMPLE_ROWS = 4096
 

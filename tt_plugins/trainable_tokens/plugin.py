@@ -13,9 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tt_core import MethodRegister, hookimpl, peft_format
-from tt_core.errors import ConfigError
-from tt_core.targets import find_tied_modules, input_embedding_name, named_base_modules, resolve_targets
+from tt_core import MethodRegister, hookimpl
+from tt_core.api import peft_hooks
+from tt_core.api.errors import ConfigError
+from tt_core.tensors.targets import (
+    find_tied_modules,
+    input_embedding_name,
+    named_base_modules,
+    resolve_targets,
+)
 from tt_plugins.trainable_tokens.config import TrainableTokensConfig
 from tt_plugins.trainable_tokens.layer import TrainableTokensLayer
 
@@ -193,7 +199,7 @@ def peft_import(
     if peft_config.get("peft_type") != "TRAINABLE_TOKENS":
         return None
     handled = {"token_indices", "target_modules", "init_weights"}
-    peft_format.check_options(peft_config, handled, "trainable tokens")
+    peft_hooks.check_options(peft_config, handled, "trainable tokens")
     rows = {}
     for key, tensor in tensors.items():
         if not key.endswith("." + _ROWS_KEY):
@@ -210,7 +216,7 @@ def peft_import(
                 f"it {ids[name]!r}"
             )
     target_modules = peft_config.get("target_modules")
-    primaries = [n for n in rows if target_modules is None or peft_format.matches_targets(target_modules, n)]
+    primaries = [n for n in rows if target_modules is None or peft_hooks.matches_targets(target_modules, n)]
     groups = _groups(rows, ids, primaries, model)
     if model is not None:
         modules = dict(named_base_modules(model))

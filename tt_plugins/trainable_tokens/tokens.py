@@ -1,15 +1,15 @@
 """From token strings to a TrainableTokensConfig: look up existing tokens, or add new ones.
 
 :func:`token_ids` turns strings that are already single tokens into their ids.
-:func:`add_new_tokens` does in one call what adding tokens takes by hand: add
+:func:`add_tokens_for` does in one call what adding tokens takes by hand: add
 them to the tokenizer, resize the model's embeddings (keeping a tied head
 tied), start each new row from the mean of the rows of the word-pieces the
 token used to be split into (or of a description given for it), and return
 the config that trains those rows.
 
-Both are also classmethods of the config, ``TrainableTokensConfig.from_tokens``
-and ``TrainableTokensConfig.add_new_tokens``, which is how code that reaches
-the config class through the plugin manager calls them.
+The config module calls them: ``TrainableTokensConfig.from_tokens`` and
+``TrainableTokensConfig.add_new_tokens`` (how code that reaches the config
+class through the plugin manager calls them), and ``add_new_tokens``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tt_core import AdapterLayer
-from tt_core.errors import AdapterStateError, ArgumentTypeError, ConfigError
+from tt_core.api.errors import AdapterStateError, ArgumentTypeError, ConfigError
 
 if TYPE_CHECKING:
     from tt_plugins.trainable_tokens.config import TrainableTokensConfig
@@ -199,42 +199,6 @@ def _set_rows(weight: torch.Tensor, new_ids: list[int], sources: list[list[int]]
         weight[new_id] = weight[rows].float().mean(dim=0).to(weight.dtype)
 
 
-def add_new_tokens(
-    model: nn.Module,
-    tokenizer: Any,
-    tokens: Tokens,
-    *,
-    special_tokens: bool = False,
-    **config_kwargs: Any,
-) -> TrainableTokensConfig:
-    """Add ``tokens`` to ``tokenizer`` and ``model``; return the config that trains their rows.
-
-    ``tokens`` is a list of new tokens (strings, or ``tokenizers.AddedToken``
-    for control over stripping), or a ``{token: description}`` dict. Each new
-    row of the input embedding (and of an untied LM head, and its bias) starts
-    as the mean of the rows of the word-pieces the tokenizer split the token
-    into *before* it was added, or of the pieces of its description (``None``
-    as a description means the token's own text). The mean is of the stored
-    rows, so a model that scales its embedding output (Gemma) stays consistent.
-
-    The embeddings are resized to ``len(tokenizer)`` when they are too small
-    (never shrunk: a model with spare rows, as T5's, keeps them), and a tied
-    LM head stays tied. ``special_tokens`` is passed to ``tokenizer.add_tokens``;
-    ``config_kwargs`` go to :class:`TrainableTokensConfig` (``init_weights``,
-    ``target_modules``).
-
-    A token the tokenizer already has (in its vocabulary, or encoding to one
-    token) is an error naming it: this adds new tokens only, and never
-    re-initialises a trained row. To train existing tokens' rows use
-    ``TrainableTokensConfig.from_tokens(tokens, tokenizer)``. Every check runs
-    before anything changes, and the tokens are first added to a copy of the
-    tokenizer, so a refused call leaves ``model`` and ``tokenizer`` as they were.
-    """
-    from tt_plugins.trainable_tokens.config import TrainableTokensConfig
-
-    return add_tokens_for(TrainableTokensConfig, model, tokenizer, tokens, special_tokens, config_kwargs)
-
-
 def add_tokens_for(
     config_class: type[_Config],
     model: nn.Module,
@@ -243,7 +207,11 @@ def add_tokens_for(
     special_tokens: bool,
     config_kwargs: dict[str, Any],
 ) -> _Config:
-    """:func:`add_new_tokens`, returning a ``config_class`` (a TrainableTokensConfig or a subclass)."""
+    """:func:`~tt_plugins.trainable_tokens.config.add_new_tokens`, returning a ``config_class``.
+
+    ``config_class`` is TrainableTokensConfig or a subclass: passed in, so this
+    module never imports the config (the config imports it).
+    """
     _check_tokenizer(tokenizer)
     if "token_indices" in config_kwargs:
         raise ArgumentTypeError(

@@ -56,7 +56,8 @@ torch.set_num_threads(1)
 
 import common  # noqa: E402  (this script's folder is on sys.path)
 
-from tt_core import AdapterModel, storage  # noqa: E402
+from tt_core import AdapterModel  # noqa: E402
+from tt_core.disk import storage  # noqa: E402
 from tt_core.registry import Registry  # noqa: E402
 
 

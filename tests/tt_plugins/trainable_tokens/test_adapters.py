@@ -160,7 +160,7 @@ def test_trainable_parameter_counts(capsys):
 
 
 def test_merging_rows_twice_is_refused_so_unmerge_still_gives_the_base_rows():
-    from tt_core.errors import AdapterStateError
+    from tt_core.api.errors import AdapterStateError
     from tt_plugins.trainable_tokens import TrainableTokensLayer
 
     weight = torch.randn(16, 4)

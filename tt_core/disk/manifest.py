@@ -22,7 +22,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tt_core.errors import MissingFiles, SavedFolderError
+from tt_core.api.errors import MissingFiles, SavedFolderError
 
 FILENAME = "manifest.json"
 ADAPTER_MANIFEST = "adapter_manifest.json"

@@ -36,9 +36,9 @@ from typing import Any
 
 import filelock
 
-from tt_core import manifest
-from tt_core.errors import ConfigError, MissingFiles, SavedFolderError, StorageError
-from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, FILENAME, Manifest
+from tt_core.api.errors import ConfigError, MissingFiles, SavedFolderError, StorageError
+from tt_core.disk import manifest
+from tt_core.disk.manifest import ADAPTER_MANIFEST, CONFIG_FILE, FILENAME, Manifest
 
 LOCK_FILE = ".tt.lock"
 TEMPORARY_PREFIX = ".tt-tmp-"

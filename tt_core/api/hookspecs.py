@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from tt_core.config import AdapterConfig
-    from tt_core.layer import AdapterState
-    from tt_core.plugins import MethodRegister
+    from tt_core.api.config import AdapterConfig
+    from tt_core.api.register import MethodRegister
+    from tt_core.tensors.state import AdapterState
 
 PROJECT_NAME = "tt_core"
 #: Marks the specs below.
@@ -57,7 +57,7 @@ def register_methods(register: MethodRegister) -> None:
 def detect_target(model: nn.Module, config: AdapterConfig) -> list[str] | None:
     """Return the full names of the modules to wrap for ``config``.
 
-    Default: :func:`tt_core.targets.resolve_targets`, which honours
+    Default: :func:`tt_core.tensors.targets.resolve_targets`, which honours
     ``config.target_modules`` and otherwise picks the module that
     ``model.get_input_embeddings()`` returns. Raise ``ValueError`` for a target
     that does not exist, naming the modules that do.
@@ -85,7 +85,7 @@ def tie_handler(
 
     Default: every module holding the very same weight Parameter (a tied LM
     head, T5's encoder and decoder embeddings), found with
-    :func:`tt_core.targets.find_tied_modules`. Every returned module is
+    :func:`tt_core.tensors.targets.find_tied_modules`. Every returned module is
     wrapped with the *same* state object, so its parameters exist, train and
     save once. A plugin may decline a tie (leave a module out); then merging
     into the shared weight would change that module's outputs, so the core
@@ -108,7 +108,7 @@ def merge(state: AdapterState, weight: torch.Tensor, unmerge: bool) -> bool | No
 
 # --------------------------------------------------------------- PEFT's format
 # ``save_pretrained(path, format="peft")`` and loading a PEFT folder go through
-# these two hooks; :mod:`tt_core.peft_format` does the rest (folder layout,
+# these two hooks; :mod:`tt_core.formats.peft` does the rest (folder layout,
 # safetensors, the ``base_model.model.`` prefix, base weight copies, PEFT's
 # ``trainable_token_indices``). Tensor keys here are module paths relative to
 # the model, without PEFT's prefix and without adapter names, e.g.
@@ -125,7 +125,7 @@ def peft_export(
     holds, per adapted weight, the names of the modules applying the state
     (the target first, then the modules tied to it) and the state's
     ``state_dict()``. ``model`` is the wrapped model (see
-    :func:`tt_core.targets.named_base_modules`). ``adapter_config`` is what
+    :func:`tt_core.tensors.targets.named_base_modules`). ``adapter_config`` is what
     PEFT's ``adapter_config.json`` holds for it (``peft_type`` at least; the
     core adds ``base_model_name_or_path``, ``inference_mode`` and the like);
     ``tensors`` are PEFT's, keyed as above, one tensor per key (PEFT saves a

@@ -22,11 +22,9 @@ tensors so rank 0 can save whole rows.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +33,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from tt_core import manifest, storage
-from tt_core.errors import SavedFolderError
-from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
+from tt_core.api.errors import SavedFolderError
+from tt_core.disk import manifest, storage
+from tt_core.disk.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
+from tt_core.formats.native import SHAPES_KEY
 from tt_core.plugins import get_plugin_manager
-from tt_core.serialization import SHAPES_KEY
 
 if TYPE_CHECKING:
-    from tt_core.model import AdapterModel
+    from tt_core.records import AdapterRecord
 
 STATE_FORMAT = "tt-adapters.state"
 STATE_VERSION = 1
@@ -58,7 +56,7 @@ def module_key(adapter_name: str, target: str, key: str) -> str:
 
 
 # ---------------------------------------------------------------- the extra state
-def describe(adapter_model: AdapterModel) -> dict[str, Any]:
+def describe(model: nn.Module, records: Mapping[str, AdapterRecord], active: list[str]) -> dict[str, Any]:
     """What the rows alone do not say: each adapter's config, base and targets, and the active stack.
 
     Nothing that a save and load changes (which adapters train is the caller's choice, not
@@ -66,7 +64,7 @@ def describe(adapter_model: AdapterModel) -> dict[str, Any]:
     the saved one's, as PEFT's tests compare them.
     """
     adapters: dict[str, Any] = {}
-    for name, record in adapter_model._records.items():
+    for name, record in records.items():
         method = get_plugin_manager().method_for(record.config)
         entry: dict[str, Any] = {"method": method.name, "plugin": method.plugin}
         if method.distribution:
@@ -75,15 +73,12 @@ def describe(adapter_model: AdapterModel) -> dict[str, Any]:
         adapters[name] = {
             "config": _plain(record.config.to_dict()),
             "entry": entry,
-            "targets": {
-                site.modules[0]: [int(n) for n in site.weight(adapter_model.model).shape]
-                for site in record.sites
-            },
+            "targets": {site.modules[0]: [int(n) for n in site.weight(model).shape] for site in record.sites},
         }
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
-        "active": adapter_model.active_adapters,
+        "active": list(active),
         "adapters": adapters,
     }
 
@@ -127,18 +122,20 @@ def decode(value: Any, where: str) -> dict[str, Any]:
     return document
 
 
-def check_matches(adapter_model: AdapterModel, document: dict[str, Any], where: str) -> None:
+def check_matches(
+    model: nn.Module, records: Mapping[str, AdapterRecord], document: dict[str, Any], where: str
+) -> None:
     """Refuse a state whose adapters this model lacks, or has with another config or base shape.
 
     Loading rows trained for other token ids (or another vocabulary) would
     silently put them on the wrong tokens.
     """
-    live = describe(adapter_model)["adapters"]
+    live = describe(model, records, [])["adapters"]
     for name, saved in document["adapters"].items():
         if name not in live:
             raise SavedFolderError(
                 f"{where} holds adapter {name!r}, which this model does not have (it has "
-                f"{adapter_model.adapters}). Add it with the same config first, or load the folder with "
+                f"{list(records)}). Add it with the same config first, or load the folder with "
                 "AdapterModel.from_pretrained(base_model, folder)."
             )
         for key in ("config", "targets"):
@@ -173,7 +170,7 @@ def read_trainer_folder(
 
     All of them, or ``adapter_name`` (or the only one). Returns the saved
     active stack (of those read) and each adapter's files, ready for
-    ``serialization.load_adapter``, which checks them like any saved adapter.
+    ``native.load_adapter``, which checks them like any saved adapter.
     """
     root = Path(path)
     weights = root / TRAINER_WEIGHTS
@@ -220,7 +217,7 @@ def read_trainer_folder(
 
 
 # ------------------------------------------------------------------- distributed
-def ddp_ignored_names(adapter_model: AdapterModel) -> list[str]:
+def ddp_ignored_names(records: Mapping[str, AdapterRecord]) -> list[str]:
     """The adapters' non-persistent buffers, under every module path that reaches them.
 
     They are built from the config on every rank (token ids, the id-to-row
@@ -228,7 +225,7 @@ def ddp_ignored_names(adapter_model: AdapterModel) -> list[str]:
     each step; it reads this list as ``_ddp_params_and_buffers_to_ignore``.
     """
     names: list[str] = []
-    for adapter_name, record in adapter_model._records.items():
+    for adapter_name, record in records.items():
         for site in record.sites:
             persistent = set(site.state.state_dict(keep_vars=True))
             for buffer_name, _ in site.state.named_buffers():
@@ -236,84 +233,3 @@ def ddp_ignored_names(adapter_model: AdapterModel) -> list[str]:
                     continue
                 names.extend(module_key(adapter_name, module, buffer_name) for module in site.modules)
     return names
-
-
-def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a DTensor (a parameter FSDP2 sharded, say)."""
-    # No DTensor exists before its module is imported; importing it here would cost seconds.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
-def held_rows(weight: torch.Tensor, token_indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """This rank's part of the DTensor ``weight``, the positions in it of the ids it holds, and which.
-
-    For merging into a sharded weight in place. FSDP2 shards dim 0 on a 1-D
-    mesh as ``torch.chunk`` does: rank r holds rows ``[r * c, (r + 1) * c)``
-    with ``c = ceil(vocabulary / ranks)``.
-    """
-    from torch.distributed.tensor import Replicate, Shard
-
-    local: torch.Tensor = weight.to_local()  # type: ignore[attr-defined]
-    placements = weight.placements  # type: ignore[attr-defined]
-    if all(isinstance(placement, Replicate) for placement in placements):
-        start = 0
-    elif len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
-        mesh = weight.device_mesh  # type: ignore[attr-defined]
-        chunk = -(-weight.shape[0] // mesh.size())
-        start = min(mesh.get_local_rank() * chunk, weight.shape[0])
-    else:
-        raise NotImplementedError(
-            f"adapters merge into a weight sharded by rows on one mesh dimension (FSDP2's Shard(0)) "
-            f"or replicated; this one is placed as {placements}"
-        )
-    held = (token_indices >= start) & (token_indices < start + local.shape[0])
-    return local, token_indices[held] - start, held
-
-
-def reshard_fsdp(adapter_model: AdapterModel) -> None:
-    """Register FSDP2's sharded parameters again wherever it left gathered ones.
-
-    After a forward without backward, FSDP2 keeps the root's parameters
-    gathered (reshard_after_forward does not apply to the root). A merge
-    written into that gathered copy would be lost at the next reshard, and the
-    copy is no place to save from: merges and saves reshard first (no
-    communication: the shards are still there). Without FSDP2 this does nothing.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return
-    for module in adapter_model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-@contextlib.contextmanager
-def whole_adapter_tensors(adapter_model: AdapterModel) -> Iterator[None]:
-    """Inside the block, the adapters' sharded parameters (FSDP2's DTensors) are whole tensors.
-
-    Gathering them is a collective: every rank must enter the block, in the
-    same order. Without sharded parameters this does nothing. The sharded
-    parameters are put back when the block ends.
-    """
-    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    seen: set[int] = set()
-    reshard_fsdp(adapter_model)
-    try:
-        for record in adapter_model._records.values():
-            for site in record.sites:
-                if id(site.state) in seen:
-                    continue
-                seen.add(id(site.state))
-                for module in site.state.modules():
-                    for name, parameter in list(module.named_parameters(recurse=False)):
-                        if is_dtensor(parameter):
-                            with torch.no_grad():
-                                whole = parameter.detach().full_tensor()  # type: ignore[attr-defined]
-                            swapped.append((module, name, parameter))
-                            setattr(module, name, nn.Parameter(whole, requires_grad=parameter.requires_grad))
-        yield
-    finally:
-        for module, name, parameter in reversed(swapped):
-            setattr(module, name, parameter)

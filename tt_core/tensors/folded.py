@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tt_core.errors import AdapterStateError
+from tt_core.api.errors import AdapterStateError
 
 if TYPE_CHECKING:
-    from tt_core.layer import AdapterState
+    from tt_core.tensors.state import AdapterState
 
 
 def stamp(base_layer: nn.Module, states: list[AdapterState]) -> tuple[Any, ...] | None:

@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, ClassVar
 
-from tt_core.errors import ConfigError
+from tt_core.api.errors import ConfigError
 
 
 class _Mismatch(Exception):
@@ -184,7 +184,7 @@ class AdapterConfig:
         """Build a config from :meth:`to_dict` output (or its JSON), checking each value against its field.
 
         Unknown keys, and a value that does not fit the field's declared type,
-        are a :class:`~tt_core.errors.ConfigError` naming the key.
+        are a :class:`~tt_core.api.errors.ConfigError` naming the key.
         """
         data = {k: v for k, v in data.items() if k != "method"}
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

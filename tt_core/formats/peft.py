@@ -15,8 +15,8 @@ This module holds what any method shares (see docs/peft.md):
   same outputs.
 
 What one method's adapter becomes in PEFT's terms, and back, is its plugin's
-business: the ``peft_export`` and ``peft_import`` hooks (:mod:`tt_core.hookspecs`).
-A PEFT folder is converted into the files :func:`tt_core.serialization.load_adapter`
+business: the ``peft_export`` and ``peft_import`` hooks (:mod:`tt_core.api.hookspecs`).
+A PEFT folder is converted into the files :func:`tt_core.formats.native.load_adapter`
 reads, so loading it goes through every check a native load does, all-or-nothing.
 """
 
@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import warnings
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,15 +36,17 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from tt_core import manifest, serialization, storage
-from tt_core.config import AdapterConfig
-from tt_core.errors import AdapterStateError, ConfigError, PluginError, SavedFolderError
-from tt_core.manifest import CONFIG_FILE, WEIGHTS_FILE
-from tt_core.plugins import PluginManager, get_plugin_manager
-from tt_core.targets import named_base_modules
+from tt_core.api.config import AdapterConfig
+from tt_core.api.errors import AdapterStateError, ConfigError, PluginError, SavedFolderError
+from tt_core.api.peft_hooks import is_unset
+from tt_core.disk import manifest, storage
+from tt_core.disk.manifest import CONFIG_FILE, WEIGHTS_FILE
+from tt_core.formats import native
+from tt_core.plugins import get_plugin_manager
+from tt_core.tensors.targets import named_base_modules
 
 if TYPE_CHECKING:
-    from tt_core.model import AdapterModel
+    from tt_core.records import AdapterRecord
 
 #: PEFT's name for the adapter kept in the folder itself; the others live in subfolders.
 DEFAULT_ADAPTER = "default"
@@ -52,60 +54,11 @@ DEFAULT_ADAPTER = "default"
 KEY_PREFIX = "base_model.model."
 #: The name of the trainable-tokens half of a LoRA with ``trainable_token_indices``: ``<name>_tokens``.
 TOKENS_SUFFIX = "_tokens"
-#: Options of every PEFT config that say nothing about what the adapter computes.
-GENERIC_CONFIG_KEYS = frozenset(
-    {
-        "peft_type",
-        "task_type",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "auto_mapping",
-        "peft_version",
-    }
-)
 _LEGACY_WEIGHTS = "adapter_model.bin"
 _BASE_COPY = re.compile(r"(?P<module>.+?)(?:\.token_adapter)?\.base_layer\.weight")
 _TOKEN_ROWS = re.compile(r"(?P<module>.+)\.token_adapter\.trainable_tokens_delta")
 # Trainer's checkpoint folders hold a PEFT adapter too; they are not adapters saved beside the root one.
 _CHECKPOINT_MARKER = "trainer_state.json"
-
-
-# ----------------------------------------------------------------- for plugins
-def matches_targets(target_modules: Any, module_name: str) -> bool:
-    """Whether PEFT's ``target_modules`` selects ``module_name`` (a full module name).
-
-    As PEFT reads it: a string is a regular expression matching the whole
-    name; a list holds names equal to it or ending it after a ``"."``.
-    """
-    if target_modules is None:
-        return False
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module_name) is not None
-    return any(module_name == name or module_name.endswith("." + name) for name in target_modules)
-
-
-def _unset(value: Any) -> bool:
-    return value is None or value is False or value == "" or value == [] or value == {}
-
-
-def check_options(
-    peft_config: dict[str, Any], handled: Iterable[str], where: str, reasons: dict[str, str] | None = None
-) -> None:
-    """Refuse every option of ``peft_config`` that is set and that the caller does not handle.
-
-    An option is set unless it is ``None``, ``False`` or empty. ``handled``
-    names the options the caller reads or knows to be harmless; ``reasons``
-    says, per option, why it cannot be applied (for a clearer error).
-    """
-    known = set(handled) | GENERIC_CONFIG_KEYS
-    for key, value in peft_config.items():
-        if key in known or _unset(value):
-            continue
-        reason = (reasons or {}).get(
-            key, "tt-adapters does not know this option, so it cannot tell what it does"
-        )
-        raise SavedFolderError(f"{where}: PEFT option {key}={value!r} cannot be applied: {reason}")
 
 
 # ------------------------------------------------------------------- detection
@@ -159,14 +112,9 @@ def is_peft_folder(path: str | os.PathLike[str]) -> bool:
 
 
 # ------------------------------------------------------------------------ save
-def _owner_hook(manager: PluginManager, config: AdapterConfig, hook_name: str) -> Any:
-    """A hook caller asking only the plugin that registered ``config``'s method (as ``hooks_for`` does)."""
-    owner = manager.get_plugin(manager.method_for(config).plugin)
-    return manager.subset_hook_caller(hook_name, [p for p in manager.get_plugins() if p is not owner])
-
-
-def _export(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    record = adapter_model._records[name]
+def _export(
+    model: nn.Module, name: str, record: AdapterRecord
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     manager = get_plugin_manager()
     method = manager.method_for(record.config)
     sites = [
@@ -174,8 +122,8 @@ def _export(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dic
         for site in record.sites
     ]
     try:
-        result = _owner_hook(manager, record.config, "peft_export")(
-            model=adapter_model.model, config=copy.deepcopy(record.config), sites=sites
+        result = manager.hooks_for(method.name).peft_export(
+            model=model, config=copy.deepcopy(record.config), sites=sites
         )
     except ValueError as error:
         raise AdapterStateError(
@@ -191,7 +139,7 @@ def _export(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dic
         raise PluginError(f"the peft_export hook of {method.plugin!r} returned a config without a peft_type")
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise PluginError(f"the peft_export hook of {method.plugin!r} must return tensors by key")
-    base_name = getattr(adapter_model.model, "name_or_path", None) or None
+    base_name = getattr(model, "name_or_path", None) or None
     config = {
         "task_type": None,
         "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
@@ -202,9 +150,13 @@ def _export(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dic
     return config, tensors
 
 
-def _check_stack(adapter_model: AdapterModel, names: list[str], configs: dict[str, dict[str, Any]]) -> None:
-    """Refuse an active stack that PEFT cannot apply as tt-adapters does."""
-    stack = [name for name in adapter_model.active_adapters if name in names]
+def _check_stack(
+    model: nn.Module,
+    records: Mapping[str, AdapterRecord],
+    stack: list[str],
+    configs: dict[str, dict[str, Any]],
+) -> None:
+    """Refuse a stack (the saved adapters that are active) that PEFT cannot apply as tt-adapters does."""
     if len(stack) < 2:
         return
     kinds = {name: configs[name]["peft_type"] for name in stack}
@@ -214,7 +166,6 @@ def _check_stack(adapter_model: AdapterModel, names: list[str], configs: dict[st
             "type only, so PEFT cannot apply this stack. Activate adapters of one type (set_adapter), or "
             "save each in its own call with selected_adapters=[...]. Nothing was written."
         )
-    records, model = adapter_model._records, adapter_model.model
     for i, first in enumerate(stack):
         for second in stack[i + 1 :]:
             for site_a in records[first].sites:
@@ -243,7 +194,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
         storage.remove(temporary)
 
 
-def save(adapter_model: AdapterModel, directory: str | os.PathLike[str], names: list[str]) -> None:
+def save(
+    model: nn.Module,
+    records: Mapping[str, AdapterRecord],
+    active: list[str],
+    directory: str | os.PathLike[str],
+    names: list[str],
+) -> None:
     """Write ``names`` in PEFT's layout under ``directory``; check everything before writing anything.
 
     The adapter called ``"default"`` goes into ``directory`` itself, every
@@ -256,8 +213,9 @@ def save(adapter_model: AdapterModel, directory: str | os.PathLike[str], names: 
             f"{root} holds a tt-adapters save (manifest.json); a PEFT save beside it would make the folder "
             "ambiguous. Save in PEFT's format into another folder. Nothing was written."
         )
-    exported = {name: _export(adapter_model, name) for name in names}
-    _check_stack(adapter_model, names, {name: config for name, (config, _) in exported.items()})
+    exported = {name: _export(model, name, records[name]) for name in names}
+    stack = [name for name in active if name in names]
+    _check_stack(model, records, stack, {name: config for name, (config, _) in exported.items()})
     files: dict[Path, tuple[bytes, bytes]] = {}
     for name, (config, tensors) in exported.items():
         folder = root if name == DEFAULT_ADAPTER else root / name
@@ -316,7 +274,7 @@ def _split_tokens(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None, dict[str, torch.Tensor]]:
     """Split ``trainable_token_indices`` off a PEFT config as a ``TRAINABLE_TOKENS`` config of its own."""
     indices = config.get("trainable_token_indices")
-    if _unset(indices):
+    if is_unset(indices):
         return config, tensors, None, {}
     rest = {key: value for key, value in tensors.items() if not _TOKEN_ROWS.fullmatch(key)}
     rows = {}
@@ -390,7 +348,7 @@ def _native(
     metadata = None
     if base:  # converted without a model: the base is checked at loading, as for a native save
         shapes = {name: list(tensor.shape) for name, tensor in base.items()}
-        metadata = {serialization.SHAPES_KEY: json.dumps(shapes)}
+        metadata = {native.SHAPES_KEY: json.dumps(shapes)}
     files = {
         CONFIG_FILE: (json.dumps(config.to_dict(), indent=2) + "\n").encode(),
         WEIGHTS_FILE: safetensors.torch.save(weights, metadata=metadata),
@@ -401,7 +359,7 @@ def _native(
     entry["files"] = {filename: manifest.sha256(data) for filename, data in files.items()}
     if base:
         entry["base"] = {
-            "weights": {name: serialization.weight_fingerprint(tensor, None) for name, tensor in base.items()}
+            "weights": {name: native.weight_fingerprint(tensor, None) for name, tensor in base.items()}
         }
     return storage.SavedAdapter(folder, entry, files, folder / CONFIG_FILE)
 
@@ -413,7 +371,7 @@ def _convert(
     where = str(folder / CONFIG_FILE)
     config, tensors = _read_peft(folder)
     modules_to_save = config.get("modules_to_save")
-    if not _unset(modules_to_save) or any(".modules_to_save." in key for key in tensors):
+    if not is_unset(modules_to_save) or any(".modules_to_save." in key for key in tensors):
         raise SavedFolderError(
             f"{where}: modules_to_save={modules_to_save!r} trains whole copies of modules, which tt-adapters "
             "cannot apply (it adapts token embeddings only). Nothing was loaded."
@@ -491,27 +449,6 @@ def read(
         )
     converted = _convert(folder, adapter_name, model, strict)
     return converted, list(converted)
-
-
-def load(
-    adapter_model: AdapterModel,
-    path: str | os.PathLike[str],
-    adapter_name: str | None,
-    is_trainable: bool = False,
-    strict: bool = True,
-) -> list[str]:
-    """Add the PEFT adapters of ``path`` (see :func:`read`), all or none; return the names to activate."""
-    converted, active = read(path, adapter_name, model=adapter_model.model, strict=strict)
-    added: list[str] = []
-    try:
-        for name, saved in converted.items():
-            serialization.load_adapter(adapter_model, saved, name, is_trainable=is_trainable, strict=strict)
-            added.append(name)
-    except BaseException:
-        for name in reversed(added):
-            adapter_model.delete_adapter(name)
-        raise
-    return active
 
 
 def read_one(path: str | os.PathLike[str], adapter_name: str | None = None) -> storage.SavedAdapter:

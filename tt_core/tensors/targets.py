@@ -7,8 +7,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from tt_core.errors import ConfigError
-from tt_core.layer import AdapterLayer
+from tt_core.api.errors import ConfigError
+from tt_core.tensors.wrapper import AdapterLayer
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ import json
 import os
 import warnings
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,16 +21,17 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from tt_core import manifest, storage
-from tt_core.config import AdapterConfig
-from tt_core.errors import SavedFolderError
-from tt_core.layer import AdapterLayer, AdapterState
-from tt_core.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
+from tt_core.api.config import AdapterConfig
+from tt_core.api.errors import SavedFolderError
+from tt_core.disk import manifest, storage
+from tt_core.disk.manifest import ADAPTER_MANIFEST, CONFIG_FILE, WEIGHTS_FILE
 from tt_core.plugins import get_plugin_manager
-from tt_core.targets import named_base_modules
+from tt_core.tensors.state import AdapterState
+from tt_core.tensors.targets import named_base_modules
+from tt_core.tensors.wrapper import AdapterLayer
 
 if TYPE_CHECKING:
-    from tt_core.model import AdapterModel, _Site
+    from tt_core.records import AdapterRecord, Site
 
 SHAPES_KEY = "tt_base_shapes"
 _FINGERPRINT_ROWS = 4096
@@ -120,7 +122,7 @@ def _recall_clean(weight: torch.Tensor) -> _CleanRows | None:
     return found[1] if found is not None and found[0]() is weight else None
 
 
-def _merged_states(model: nn.Module, site: _Site) -> list[AdapterState]:
+def _merged_states(model: nn.Module, site: Site) -> list[AdapterState]:
     """The adapters merged into the weight of ``site``, in the order the layer holds them."""
     found: list[AdapterState] = []
     for name in site.modules:
@@ -159,7 +161,7 @@ def _unmerged_digest(weight: torch.Tensor, merged: list[AdapterState], rows: int
     return _rows_digest(copy, rows)
 
 
-def base_fingerprint(model: nn.Module, sites: list[_Site]) -> dict[str, Any]:
+def base_fingerprint(model: nn.Module, sites: list[Site]) -> dict[str, Any]:
     """The fingerprint of the base under ``sites``, as it is without the adapters merged into it.
 
     Adapters merged into a weight are not part of its base: the hash is of
@@ -210,14 +212,13 @@ def base_mismatches(saved: dict[str, Any], model: nn.Module, where: Path) -> lis
 
 
 # ------------------------------------------------------------------------ save
-def adapter_files(adapter_model: AdapterModel, name: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """The files of one adapter and its manifest entry (without ``path``)."""
-    record = adapter_model._records[name]
+def adapter_files(model: nn.Module, record: AdapterRecord) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The files of one adapter of ``model`` and its manifest entry (without ``path``)."""
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for site in record.sites:
         target = site.modules[0]
-        shapes[target] = list(site.weight(adapter_model.model).shape)
+        shapes[target] = list(site.weight(model).shape)
         for key, tensor in site.state.state_dict().items():
             tensors[f"{target}.{key}"] = tensor.detach().to("cpu").contiguous()
     files = {
@@ -235,16 +236,18 @@ def adapter_files(adapter_model: AdapterModel, name: str) -> tuple[dict[str, byt
 
 
 def save_pretrained(
-    adapter_model: AdapterModel,
+    model: nn.Module,
+    records: Mapping[str, AdapterRecord],
+    active: list[str],
     directory: str | os.PathLike[str],
     names: list[str],
     extra: dict[str, Any] | None = None,
 ) -> None:
+    """Save the adapters ``names`` of ``model`` into ``directory``, all-or-nothing, with their stack."""
     payloads, entries = {}, {}
     for name in names:
-        payloads[name], entries[name] = adapter_files(adapter_model, name)
-    active = [name for name in adapter_model.active_adapters if name in names]
-    storage.save(Path(directory), payloads, entries, active, extra)
+        payloads[name], entries[name] = adapter_files(model, records[name])
+    storage.save(Path(directory), payloads, entries, [name for name in active if name in names], extra)
 
 
 # ------------------------------------------------------------------------ load
@@ -302,17 +305,16 @@ def read_config(saved: storage.SavedAdapter) -> AdapterConfig:
         raise SavedFolderError(f"{path}: {error}") from None
 
 
-def load_adapter(
-    adapter_model: AdapterModel,
-    saved: storage.SavedAdapter,
-    adapter_name: str,
-    is_trainable: bool = False,
-    strict: bool = True,
-) -> None:
-    """Add the verified adapter ``saved`` as ``adapter_name``; on any error the model is left as it was."""
+def read_adapter(
+    saved: storage.SavedAdapter, adapter_name: str, model: nn.Module, strict: bool = True
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of the verified adapter ``saved``, checked against ``model``'s shapes and base.
+
+    Nothing is changed; :func:`fill` puts the tensors into the adapter once it is added.
+    """
     config = read_config(saved)
     tensors, saved_shapes = _parse_weights(saved.folder / WEIGHTS_FILE, saved.files[WEIGHTS_FILE])
-    modules = dict(named_base_modules(adapter_model.model))
+    modules = dict(named_base_modules(model))
     for target, shape in saved_shapes.items():
         weight = getattr(modules.get(target), "weight", None)
         if weight is None or list(weight.shape) != shape:
@@ -323,7 +325,7 @@ def load_adapter(
                 "the base model it was trained with (resize_token_embeddings to its tokenizer first)."
             )
     if "base" in saved.entry:
-        problems = base_mismatches(saved.entry["base"], adapter_model.model, saved.listed_in)
+        problems = base_mismatches(saved.entry["base"], model, saved.listed_in)
         if problems and strict:
             raise SavedFolderError(
                 f"adapter {adapter_name!r} in {saved.folder} was trained on another base model: "
@@ -331,18 +333,14 @@ def load_adapter(
                 + ". Load it onto that base (unmerged), or pass strict=False to load it anyway."
             )
         for problem in problems:
-            warnings.warn(f"adapter {adapter_name!r}: {problem} (loaded anyway, strict=False)", stacklevel=3)
-    adapter_model.add_adapter(adapter_name, config, is_trainable=is_trainable)
-    try:
-        _fill(adapter_model, adapter_name, tensors, saved.folder / WEIGHTS_FILE)
-    except Exception:
-        adapter_model.delete_adapter(adapter_name)
-        raise
+            warnings.warn(f"adapter {adapter_name!r}: {problem} (loaded anyway, strict=False)", stacklevel=4)
+    return config, tensors
 
 
-def _fill(adapter_model: AdapterModel, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def fill(record: AdapterRecord, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``tensors`` (read from ``path``) into the states of ``record``; exactly what they need."""
     expected: dict[str, torch.Size] = {}
-    for site in adapter_model._records[name].sites:
+    for site in record.sites:
         for key, tensor in site.state.state_dict().items():
             expected[f"{site.modules[0]}.{key}"] = tensor.shape
     unexpected, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
@@ -358,7 +356,7 @@ def _fill(adapter_model: AdapterModel, name: str, tensors: dict[str, torch.Tenso
     ]
     if wrong:
         raise SavedFolderError(f"{path} holds tensors of the wrong shape: {wrong}; save the adapter again")
-    for site in adapter_model._records[name].sites:
+    for site in record.sites:
         prefix = f"{site.modules[0]}."
         state_dict = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         site.state.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,162 @@
+"""Per-sample adapters: every sample of a batch runs with its own adapter stack.
+
+``adapter_model(**batch, adapter_names=[...])`` and ``adapter_model.generate(...,
+adapter_names=[...])`` take one entry per sample: an adapter name, a list of
+names (a stack, applied in order) or :data:`BASE` for the base model. For the
+length of the call a :class:`SamplePlan` is set on every
+:class:`~tt_core.tensors.wrapper.AdapterLayer` (:func:`serving`); the layer then computes
+the base output once for the whole batch and applies each *distinct* stack to
+its own samples (:func:`apply_plan`): a loop over stacks, never over samples
+or tokens.
+
+How a stack is applied to its samples:
+
+* on a linear head, when every adapter of the stack gives
+  :meth:`~tt_core.tensors.state.AdapterState.low_rank_factors` or declares
+  :attr:`~tt_core.tensors.state.AdapterState.head_replaces_rows` (trainable tokens,
+  LoRA and their stacks): sparsely, in place: the low-rank updates of those
+  samples are added with one ``index_add_``, and the touched columns of those
+  samples only are written with the rows folded through the stack
+  (:meth:`~tt_core.tensors.state.AdapterState.adapt_rows`);
+* otherwise (the default, which any method from an outside plugin gets without
+  writing anything new): the rows of the stack's samples are taken out of the
+  input and the base output, the stack's usual ``embed``/``project`` rules run
+  on them as if those samples were the whole batch, and the result is written
+  back (``index_copy_``). This costs one copy of those samples' output.
+
+Per-sample calls are for inference: they are refused while the model trains,
+while adapters are merged, inside ``disable_adapter()``, and for unknown names
+or a list whose length is not the batch size; they run under
+``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tt_core.api.errors import AdapterStateError, ArgumentTypeError, ConfigError
+from tt_core.tensors.per_sample import SamplePlan
+from tt_core.tensors.wrapper import wrappers_in
+
+#: The entry of ``adapter_names`` that runs a sample on the base model.
+BASE = "__base__"
+
+# Tensors a model call is given whose first dimension is the batch, in the order they are looked for.
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "decoder_input_ids", "attention_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """What a per-sample call checks its ``adapter_names`` against: the model and its adapters now."""
+
+    model: nn.Module
+    names: list[str]  # every adapter on the model
+    merged: list[str]  # those merged into the base weights
+    disabled: bool  # inside ``disable_adapter()``
+
+
+def make_plan(adapters: Adapters, adapter_names: object, batch_size: int | None) -> SamplePlan:
+    """Check ``adapter_names`` against the adapters and the batch; nothing is changed here."""
+    if adapters.model.training:
+        raise AdapterStateError(
+            "adapter_names= (an adapter stack per sample) is for inference; the model is training. "
+            "Call model.eval() first, or train each adapter with set_adapter()"
+        )
+    if adapters.merged:
+        raise AdapterStateError(
+            f"adapter_names= cannot run while adapters {adapters.merged} are merged into "
+            "the base weights (every sample would get them); call unmerge_adapter() first"
+        )
+    if adapters.disabled:
+        raise AdapterStateError("adapter_names= cannot run inside `with disable_adapter():`")
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise ArgumentTypeError(
+            f"adapter_names must be a list with one entry per sample (a name, a list of names, or "
+            f"{BASE!r}), got {adapter_names!r}"
+        )
+    if batch_size is not None and len(adapter_names) != batch_size:
+        raise ConfigError(
+            f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} samples; "
+            "give one entry per sample"
+        )
+    if not adapter_names:
+        raise ConfigError("adapter_names is empty; give one entry per sample")
+    known = set(adapters.names)
+    stacks: list[tuple[str, ...]] = []
+    position_of: dict[tuple[str, ...], int] = {}
+    sample_stack: list[int] = []
+    for sample, entry in enumerate(adapter_names):
+        stack = _stack(entry, sample, known)
+        if stack not in position_of:
+            position_of[stack] = len(stacks)
+            stacks.append(stack)
+        sample_stack.append(position_of[stack])
+    return SamplePlan(stacks, sample_stack)
+
+
+def _stack(entry: object, sample: int, known: set[str]) -> tuple[str, ...]:
+    if entry == BASE:
+        return ()
+    names = [entry] if isinstance(entry, str) else entry
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise ArgumentTypeError(
+            f"adapter_names[{sample}] must be an adapter name, a list of names or {BASE!r}, got {entry!r}"
+        )
+    if BASE in names:
+        raise ConfigError(f"adapter_names[{sample}] = {entry!r}: {BASE!r} stands alone, not in a stack")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"adapter_names[{sample}]: unknown adapter(s) {unknown}; the model has {sorted(known)}"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"adapter_names[{sample}] = {entry!r} names an adapter more than once")
+    return tuple(names)
+
+
+def batch_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a model call, read from its first batch-shaped input (None when unknown)."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1:
+        return int(args[0].shape[0])
+    for key in _BATCH_KEYS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
+
+
+@contextlib.contextmanager
+def serving(adapters: Adapters, adapter_names: object, batch_size: int | None) -> Iterator[None]:
+    """Set the plan on every adapter layer for the block; everything is checked before anything changes."""
+    plan = make_plan(adapters, adapter_names, batch_size)
+    layers = [wrapper for _, _, wrapper in wrappers_in(adapters.model)]
+    if any(layer.sample_plan is not None for layer in layers):
+        raise AdapterStateError("adapter_names= calls do not nest")
+    for layer in layers:
+        layer.sample_plan = plan
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for layer in layers:
+            layer.sample_plan = None
+
+
+def call_with_adapter_names(
+    adapters: Callable[[], Adapters], call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run ``call`` (forward or generate), per sample when ``adapter_names`` is given (None: active stack)."""
+    if "adapter_names" not in kwargs:
+        return call(*args, **kwargs)
+    kwargs = dict(kwargs)
+    adapter_names = kwargs.pop("adapter_names")
+    if adapter_names is None:
+        return call(*args, **kwargs)
+    with serving(adapters(), adapter_names, batch_size_of(args, kwargs)):
+        return call(*args, **kwargs)
