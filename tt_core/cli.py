@@ -21,6 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tt_core.errors import SavedFolderError, TTError
+
 # Only light modules here: torch and transformers load inside main(), after
 # Ctrl-C is handled, so an interrupt at any moment reads "tt ...: interrupted".
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ def _plugins(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")  # broken plugins are listed below, one line each
             manager = get_plugin_manager()
         methods = sorted(manager.methods.values(), key=lambda m: m.name)
-    except (ValueError, TypeError, RuntimeError) as error:
+    except (TTError, ValueError, TypeError, RuntimeError) as error:
         # e.g. two plugins claiming one method name, or TT_STRICT_PLUGINS=1 and a broken plugin
         raise CommandError(
             f"the installed plugins conflict or are broken: {_describe(error)}", _FAILED
@@ -362,7 +364,7 @@ def _merge(args: argparse.Namespace) -> int:
         try:
             with _transformers_errors_only():
                 adapter_model = registry.load(model, specs, tokenizer=tokenizer, strict=not args.no_strict)
-        except ValueError as error:
+        except SavedFolderError as error:
             # The library's advice names its argument; here the same switch is a flag.
             if "strict=False" not in str(error):
                 raise
@@ -540,8 +542,6 @@ def _main(words: list[str], prog: str) -> int:
         args = _parser().parse_args(words)
     except SystemExit as stop:  # --help, --version, or a usage error already printed on one line
         return stop.code if isinstance(stop.code, int) else _BAD_INPUT
-    from tt_core.errors import TTError
-
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
@@ -549,9 +549,12 @@ def _main(words: list[str], prog: str) -> int:
         except CommandError as error:
             print(f"{prog}: {_describe(error)}", file=sys.stderr)
             return error.status
-        except (TTError, ValueError, TypeError, OSError) as error:
+        except TTError as error:  # the project's own errors: bad input, named with its fix
             print(f"{prog}: {_describe(error)}", file=sys.stderr)
             return _BAD_INPUT
+        except OSError as error:  # the file system or the network said no
+            print(f"{prog}: {_describe(error)}", file=sys.stderr)
+            return _FAILED
         except Exception as error:
             if os.environ.get("TT_DEBUG", "") not in ("", "0"):
                 raise
