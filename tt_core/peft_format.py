@@ -41,7 +41,7 @@ from tt_core.config import AdapterConfig
 from tt_core.errors import AdapterStateError, ConfigError, PluginError, SavedFolderError
 from tt_core.manifest import CONFIG_FILE, WEIGHTS_FILE
 from tt_core.plugins import PluginManager, get_plugin_manager
-from tt_core.targets import named_base_modules
+from tt_core.targets import input_embedding_name, named_base_modules
 
 if TYPE_CHECKING:
     from tt_core.model import AdapterModel
@@ -66,6 +66,7 @@ GENERIC_CONFIG_KEYS = frozenset(
 )
 _LEGACY_WEIGHTS = "adapter_model.bin"
 _BASE_COPY = re.compile(r"(?P<module>.+?)(?:\.token_adapter)?\.base_layer\.weight")
+_ROWS = "trainable_tokens_delta"  # PEFT's key of token rows
 _TOKEN_ROWS = re.compile(r"(?P<module>.+)\.token_adapter\.trainable_tokens_delta")
 # Trainer's checkpoint folders hold a PEFT adapter too; they are not adapters saved beside the root one.
 _CHECKPOINT_MARKER = "trainer_state.json"
@@ -202,12 +203,59 @@ def _export(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dic
     return config, tensors
 
 
-def _check_stack(adapter_model: AdapterModel, names: list[str], configs: dict[str, dict[str, Any]]) -> None:
+def _join_tokens(
+    adapter_model: AdapterModel, exported: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]
+) -> dict[str, str]:
+    """Write a LoRA ``name`` and trainable tokens ``name_tokens`` saved together as one PEFT adapter.
+
+    The inverse of :func:`_split_tokens`: PEFT holds them as one ``LoraConfig``
+    with ``trainable_token_indices`` (a list for the input embedding, else
+    ``{module: ids}``) and the rows under ``<module>.token_adapter.``; PEFT
+    gives the rows to a head tied to the input embedding itself, so only the
+    targets' rows are written. Changes ``exported`` in place; returns
+    ``{tokens name: LoRA name}`` for the pairs joined.
+    """
+    joined = {}
+    model = adapter_model.model
+    for name in list(exported):
+        tokens_name = name + TOKENS_SUFFIX
+        if tokens_name not in exported:
+            continue
+        (config, tensors), (tokens_config, token_tensors) = exported[name], exported[tokens_name]
+        if config["peft_type"] != "LORA" or tokens_config["peft_type"] != "TRAINABLE_TOKENS":
+            continue
+        records = adapter_model._records
+        for site in records[name].sites:
+            for tokens_site in records[tokens_name].sites:
+                if site.weight(model) is tokens_site.weight(model):
+                    raise AdapterStateError(
+                        f"adapters {name!r} (LoRA on {site.modules}) and {tokens_name!r} (trainable tokens "
+                        f"on {tokens_site.modules}) change one weight; PEFT saves them together as one "
+                        "LoraConfig with trainable_token_indices, which it refuses on a module its LoRA "
+                        "adapts. Save them in separate calls with selected_adapters=[...]. Nothing was "
+                        "written."
+                    )
+        targets, ids = tokens_config["target_modules"], tokens_config["token_indices"]
+        try:
+            embedding = input_embedding_name(model)
+        except ValueError:
+            embedding = ""
+        indices: Any = ids if targets == [embedding] else {target: ids for target in targets}
+        rows = {
+            f"{target}.token_adapter.{_ROWS}": token_tensors[f"{target}.{_ROWS}"] for target in targets
+        }
+        exported[name] = ({**config, "trainable_token_indices": indices}, {**tensors, **rows})
+        del exported[tokens_name]
+        joined[tokens_name] = name
+    return joined
+
+
+def _check_stack(adapter_model: AdapterModel, names: list[str], peft_types: dict[str, str]) -> None:
     """Refuse an active stack that PEFT cannot apply as tt-adapters does."""
     stack = [name for name in adapter_model.active_adapters if name in names]
     if len(stack) < 2:
         return
-    kinds = {name: configs[name]["peft_type"] for name in stack}
+    kinds = {name: peft_types[name] for name in stack}
     if len(set(kinds.values())) > 1:
         raise AdapterStateError(
             f"the active stack {stack} mixes PEFT adapter types {kinds}; a PEFT model holds adapters of one "
@@ -257,7 +305,10 @@ def save(adapter_model: AdapterModel, directory: str | os.PathLike[str], names: 
             "ambiguous. Save in PEFT's format into another folder. Nothing was written."
         )
     exported = {name: _export(adapter_model, name) for name in names}
-    _check_stack(adapter_model, names, {name: config for name, (config, _) in exported.items()})
+    kinds = {name: config["peft_type"] for name, (config, _) in exported.items()}
+    for tokens_name, name in _join_tokens(adapter_model, exported).items():
+        kinds[tokens_name] = kinds[name]  # one PEFT adapter now: a LoRA with trainable_token_indices
+    _check_stack(adapter_model, names, kinds)
     files: dict[Path, tuple[bytes, bytes]] = {}
     for name, (config, tensors) in exported.items():
         folder = root if name == DEFAULT_ADAPTER else root / name

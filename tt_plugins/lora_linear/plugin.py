@@ -82,11 +82,11 @@ def create_layer(
             "nn.Linear and transformers' Conv1D (use LoraEmbeddingConfig for an nn.Embedding)"
         )
     if config.fan_in_fan_out != fan_in_fan_out:
-        # PEFT does the same: the layer's own layout decides.
+        # PEFT does the same. One message per layer kind, so Python's warning filter shows it once.
         warnings.warn(
-            f"fan_in_fan_out={config.fan_in_fan_out} but {target_name} is a {type(base_layer).__name__}, "
-            f"whose weight is stored {'(in, out)' if fan_in_fan_out else '(out, in)'}; using "
-            f"fan_in_fan_out={fan_in_fan_out} for it",
+            f"fan_in_fan_out={config.fan_in_fan_out}, but a {type(base_layer).__name__} stores its weight "
+            f"{'(in, out)' if fan_in_fan_out else '(out, in)'}; using fan_in_fan_out={fan_in_fan_out} for "
+            "such layers",
             stacklevel=2,
         )
     assert isinstance(weight, torch.Tensor)
