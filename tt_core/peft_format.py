@@ -328,6 +328,125 @@ def save(adapter_model: AdapterModel, directory: str | os.PathLike[str], names: 
         _write_atomically(folder / CONFIG_FILE, config_bytes)
 
 
+def rows_as_lora(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A row-replacing adapter (trainable tokens) as an exactly equivalent PEFT LoRA: ``(config, tensors)``.
+
+    An adapter that replaces the rows ``ids`` of a weight ``W`` by
+    ``R = adapt_rows(ids, W[ids])`` adds ``onehot(ids).T @ (R - W[ids])`` to it:
+    a LoRA of rank ``k = len(ids)`` whose one factor selects the rows and whose
+    other holds the row deltas, with ``lora_alpha = r`` (scaling 1, so PEFT
+    multiplies by 1.0). On an embedding that is ``lora_embedding_A = onehot``
+    (k x vocabulary) and ``lora_embedding_B = (R - W[ids]).T``; on a head using
+    the weight, ``lora_A.weight = R - W[ids]`` and ``lora_B.weight = onehot.T``:
+    every module the state reaches gets its copy, as PEFT adapts only the
+    modules it names. The outputs are the adapter's up to the rounding of
+    ``W + (R - W)``: a head's bias is kept (PEFT's own trainable tokens drop
+    it), and PEFT scales an embedding's update by its ``embed_scale`` as it
+    scales the rows. Works from the :class:`AdapterState` API alone
+    (``touched_rows``, ``adapt_rows``), so for any row-replacing method. The
+    factors are k x vocabulary, on disk and in PEFT's memory.
+    """
+    record = adapter_model._records[name]
+    if name in adapter_model.merged_adapters:
+        raise AdapterStateError(
+            f"adapter {name!r} is merged into the base weights; unmerge_adapter() first, so its rows can be "
+            "told from the base ones. Nothing was written."
+        )
+    modules = dict(named_base_modules(adapter_model.model))
+    targets: list[str] = []
+    tensors: dict[str, torch.Tensor] = {}
+    rank = None
+    for site in record.sites:
+        state = site.state
+        ids = state.touched_rows()
+        if state.additive or ids is None:
+            raise AdapterStateError(
+                f"adapter {name!r} ({record.config.method}) changes every row of {site.modules[0]}.weight, "
+                "not chosen rows; only row-replacing adapters (trainable tokens) have this LoRA form. "
+                "Nothing was written."
+            )
+        weight = site.weight(adapter_model.model)
+        with torch.no_grad():
+            base_rows = weight.detach()[ids].float()
+            deltas = state.adapt_rows(ids, base_rows).float() - base_rows  # k x width
+            selector = torch.zeros(len(ids), weight.shape[0], dtype=torch.float32, device=weight.device)
+            selector[torch.arange(len(ids), device=weight.device), ids] = 1.0  # k x vocabulary
+        if rank is not None and rank != len(ids):
+            raise AdapterStateError(
+                f"adapter {name!r} replaces {rank} rows of one weight and {len(ids)} of another; a PEFT LoRA "
+                "has one rank. Nothing was written."
+            )
+        rank = len(ids)
+        for module_name in site.modules:
+            module = modules[module_name]
+            if isinstance(module, nn.Embedding):
+                tensors[f"{module_name}.lora_embedding_A"] = selector.clone()
+                tensors[f"{module_name}.lora_embedding_B"] = deltas.T.contiguous()
+            elif isinstance(module, nn.Linear):
+                tensors[f"{module_name}.lora_A.weight"] = deltas.clone()
+                tensors[f"{module_name}.lora_B.weight"] = selector.T.contiguous()
+            else:
+                raise AdapterStateError(
+                    f"{module_name} is a {type(module).__name__}; the LoRA form covers nn.Embedding and "
+                    "nn.Linear. Nothing was written."
+                )
+            targets.append(module_name)
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,  # scaling = lora_alpha / r = 1
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return config, tensors
+
+
+def save_rows_as_lora(
+    adapter_model: AdapterModel, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER
+) -> None:
+    """Write one trainable-tokens adapter as a PEFT LoRA folder (:func:`rows_as_lora`), all-or-nothing.
+
+    The folder is ``directory`` for ``"default"``, else ``directory/<name>``,
+    as PEFT's layout has it; ``peft.PeftModel.from_pretrained`` loads it with
+    the adapter's outputs (LoRA on the embedding and on every module sharing
+    its weight), and so does :meth:`AdapterModel.from_pretrained`, as LoRA on
+    the embedding.
+    """
+    if adapter_name not in adapter_model.adapters:
+        raise AdapterStateError(f"unknown adapter {adapter_name!r}; the model has {adapter_model.adapters}")
+    root = Path(directory)
+    if manifest.exists(root):
+        raise ConfigError(
+            f"{root} holds a tt-adapters save (manifest.json); save the PEFT folder elsewhere. Nothing was "
+            "written."
+        )
+    peft_config, tensors = rows_as_lora(adapter_model, adapter_name)
+    base_name = getattr(adapter_model.model, "name_or_path", None) or None
+    config = {
+        "task_type": None,
+        "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
+        "revision": None,
+        "inference_mode": True,
+        **peft_config,
+    }
+    weights = {KEY_PREFIX + key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}
+    folder = root if adapter_name == DEFAULT_ADAPTER else root / adapter_name
+    weight_bytes = safetensors.torch.save(weights, metadata={"format": "pt"})
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / WEIGHTS_FILE, weight_bytes)
+    _write_atomically(folder / CONFIG_FILE, config_bytes)
+
+
 # ------------------------------------------------------------------------ read
 def _read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One PEFT adapter's config and tensors, keys without PEFT's prefix."""
