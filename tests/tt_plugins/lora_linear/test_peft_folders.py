@@ -15,6 +15,7 @@ from numerics import assert_same_math
 from torch import nn
 
 from tt_core import AdapterLayer, AdapterModel, Registry, get_adapter_model
+from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.lora_linear import LoraLinearConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
@@ -255,3 +256,28 @@ def test_lora_and_tokens_on_one_weight_are_refused_and_nothing_written(tmp_path)
     with pytest.raises(ValueError, match=r"change one weight.*selected_adapters"):
         adapter_model.save_pretrained(tmp_path / "out", format="peft")
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_on_a_tied_head_and_a_projection_both_ways(tmp_path):
+    # PEFT adapts the tied head alone (ensure_weight_tying off): lora_linear, its tie declined
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    path = peft_trained("llama_tied", config, tmp_path / "peft")
+    loaded = AdapterModel.from_pretrained(build("llama_tied"), path)
+    assert loaded.adapter_configs["default"].method == "lora_linear"
+    assert not isinstance(loaded.model.model.embed_tokens, AdapterLayer)
+    expected = peft_logits("llama_tied", path)
+    assert_same_math(logits(loaded, batch("llama_tied", IDS)), expected)
+    loaded.save_pretrained(tmp_path / "again", format="peft")
+    assert_same_math(peft_logits("llama_tied", tmp_path / "again"), expected)
+
+
+def test_lora_on_the_embedding_with_rows_on_an_untied_head_is_saved_as_one_peft_adapter(tmp_path):
+    adapter_model = get_adapter_model(build("llama"), LoraEmbeddingConfig(r=4, init_weights=False))
+    tokens = TrainableTokensConfig(token_indices=IDS, init_weights=False, target_modules=["lm_head"])
+    adapter_model.add_adapter("default_tokens", tokens)
+    adapter_model.set_adapter(["default", "default_tokens"])
+    expected = logits(adapter_model.eval(), batch("llama", IDS))
+    adapter_model.save_pretrained(tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"lm_head": IDS}
+    assert_same_math(peft_logits("llama", tmp_path), expected)
