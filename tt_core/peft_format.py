@@ -391,7 +391,7 @@ def rows_as_lora(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any]
                     "nn.Linear. Nothing was written."
                 )
             targets.append(module_name)
-    config = {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "r": rank,
         "lora_alpha": rank,  # scaling = lora_alpha / r = 1
