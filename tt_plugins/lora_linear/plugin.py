@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tt_core import hookimpl, peft_format
+from tt_core import MethodRegister, hookimpl, peft_format
 from tt_core.errors import ConfigError
 from tt_core.layer import AdapterLayer, is_conv1d
-from tt_core.plugins import MethodRegister
 from tt_core.targets import named_base_modules, resolve_targets
 from tt_plugins.lora_linear.config import ALL_LINEAR, LoraLinearConfig
 from tt_plugins.lora_linear.layer import LoraLinearLayer
@@ -72,7 +71,7 @@ def create_layer(
     config: LoraLinearConfig, adapter_name: str, target_name: str, base_layer: nn.Module
 ) -> LoraLinearLayer:
     weight = getattr(base_layer, "weight", None)
-    if isinstance(base_layer, nn.Linear):
+    if isinstance(base_layer, nn.Linear) and isinstance(weight, torch.Tensor):
         in_features, out_features, fan_in_fan_out = base_layer.in_features, base_layer.out_features, False
     elif is_conv1d(base_layer) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         (in_features, out_features), fan_in_fan_out = weight.shape, True
@@ -89,7 +88,6 @@ def create_layer(
             "such layers",
             stacklevel=2,
         )
-    assert isinstance(weight, torch.Tensor)
     return LoraLinearLayer(
         in_features,
         out_features,
@@ -269,7 +267,7 @@ def peft_export(
     targets: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
     for names, state in sites:
-        (name,) = names  # ties are declined: one module per state
+        name = names[0]  # ties are declined: one module per state
         tensors[f"{name}.lora_A.weight"] = state["lora_A"].clone()
         tensors[f"{name}.lora_B.weight"] = state["lora_B"].clone()
         targets.append(name)
