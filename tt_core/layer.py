@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -95,6 +96,14 @@ class AdapterState(nn.Module):
     #: :meth:`project` is always called.
     head_replaces_rows: ClassVar[bool] = False
 
+    #: Opt-in. True: the state may also adapt transformers' ``Conv1D`` (GPT-2's attention and
+    #: MLP layers), a linear layer whose weight is stored transposed, (in_features,
+    #: out_features). Its :meth:`project` gets ``output = hidden @ W + bias`` as for any linear
+    #: layer, but ``merge_into`` gets that transposed weight, and the core's row-based paths
+    #: (:attr:`head_replaces_rows`) do not apply, so such a state must not declare it.
+    #: False (the default): the core refuses to put the state on a ``Conv1D``.
+    adapts_conv1d: ClassVar[bool] = False
+
     def __init__(self) -> None:
         super().__init__()
         self.merged = False
@@ -185,6 +194,17 @@ class AdapterState(nn.Module):
         if mine is None or theirs is None:
             return False
         return not bool(torch.isin(mine, theirs.to(mine.device)).any())
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, weight (in, out)).
+
+    Read from ``sys.modules``: without transformers imported no such module can exist, and
+    tt_core does not import transformers for this.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def embedding_scale(base_layer: nn.Module) -> torch.Tensor | float | None:
@@ -360,7 +380,7 @@ def add_low_rank(
 
 
 class AdapterLayer(nn.Module):
-    """Wraps one base module (``nn.Embedding`` or ``nn.Linear``) and applies a stack of adapters.
+    """Wraps one base module (``nn.Embedding``, ``nn.Linear`` or ``Conv1D``) and applies a stack of adapters.
 
     ``active_adapters`` is the stack, in order; adapters merged into the base
     weight are skipped, since the base module already applies them.
@@ -405,12 +425,21 @@ class AdapterLayer(nn.Module):
         self.folded: FoldedStack | None = None
 
     @staticmethod
-    def check_wrappable(name: str, base_layer: nn.Module) -> None:
-        """Raise unless ``base_layer`` is a module kind the wrapper knows how to adapt."""
+    def check_wrappable(name: str, base_layer: nn.Module, state: AdapterState | None = None) -> None:
+        """Raise unless ``base_layer`` is a module kind the wrapper (and ``state``, if given) can adapt."""
+        if is_conv1d(base_layer):
+            if state is not None and (not state.adapts_conv1d or state.head_replaces_rows):
+                raise ConfigError(
+                    f"{name} is a transformers Conv1D (a linear layer storing its weight transposed), "
+                    f"which {type(state).__name__} does not adapt; target nn.Embedding or nn.Linear "
+                    "modules with it"
+                )
+            return
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
             raise ConfigError(
-                f"{name} is a {type(base_layer).__name__}; tt-adapters wraps nn.Embedding and nn.Linear "
-                "modules only. Target the token embedding (or a head tied to it)."
+                f"{name} is a {type(base_layer).__name__}; tt-adapters wraps nn.Embedding, nn.Linear and "
+                "transformers' Conv1D modules only. Target the token embedding (or a head tied to it), "
+                "or a linear layer with a method that adapts them (lora_linear)."
             )
 
     @property

@@ -208,7 +208,7 @@ class AdapterModel(nn.Module):
             declined = [name for name in shared if name not in tied]
             site = _Site(state, [target, *tied], declined)
             for name in site.modules:
-                AdapterLayer.check_wrappable(name, modules[name])
+                AdapterLayer.check_wrappable(name, modules[name], site.state)
             covered.update(site.modules)
             sites.append(site)
         # Every check passed: only now is the model touched.

@@ -238,11 +238,31 @@ def _shared_form(
     return targets
 
 
+def _for_linear_layers(tensors: dict[str, torch.Tensor], model: nn.Module | None) -> bool:
+    """Whether a PEFT LoRA is one of linear layers, the ``lora_linear`` method's.
+
+    It is when it holds no embedding factors and adapts some linear module that
+    shares no weight with an embedding (without the model: any linear module).
+    LoRA on an embedding together with such modules stays here and is refused
+    as a whole.
+    """
+    if any(key.endswith((".lora_embedding_A", ".lora_embedding_B")) for key in tensors):
+        return False
+    linear = [key.rsplit(".", 2)[0] for key in tensors if key.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if not linear:
+        return False
+    if model is None:
+        return True
+    modules = dict(named_base_modules(model))
+    embedding_weights = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
+    return any(id(getattr(modules.get(name), "weight", None)) not in embedding_weights for name in linear)
+
+
 @hookimpl
 def peft_import(
     peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None
 ) -> tuple[LoraEmbeddingConfig, dict[str, torch.Tensor]] | None:
-    if peft_config.get("peft_type") != "LORA":
+    if peft_config.get("peft_type") != "LORA" or _for_linear_layers(tensors, model):
         return None
     peft_format.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
     bias = peft_config.get("bias", "none")
