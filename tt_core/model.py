@@ -653,10 +653,15 @@ class AdapterModel(nn.Module):
         PEFT's arguments in PEFT's order: only safetensors are written, the
         adapter never needs the whole embedding saved, and a process with
         ``is_main_process=False`` writes nothing. ``format="peft"`` writes what
-        ``peft.PeftModel.from_pretrained`` loads instead (docs/peft.md).
+        ``peft.PeftModel.from_pretrained`` loads instead; ``format="peft-lora"``
+        writes trainable tokens as the equivalent PEFT LoRA on the embedding,
+        which serving engines that take LoRA load (docs/peft.md).
         """
-        if format not in ("tt", "peft"):
-            raise ConfigError(f"format={format!r} is not one of 'tt' (tt-adapters' own) and 'peft' (PEFT's)")
+        if format not in ("tt", "peft", "peft-lora"):
+            raise ConfigError(
+                f"format={format!r} is not one of 'tt' (tt-adapters' own), 'peft' (PEFT's) and 'peft-lora' "
+                "(trainable tokens as a PEFT LoRA)"
+            )
         if safe_serialization is not True:
             raise ConfigError(
                 "tt-adapters writes safetensors only (nothing is pickled); drop safe_serialization"
@@ -671,6 +676,9 @@ class AdapterModel(nn.Module):
         with training.whole_adapter_tensors(self):  # FSDP2: every rank gathers the rows; one writes
             if is_main_process and format == "peft":
                 peft_format.save(self, save_directory, names)
+            elif is_main_process and format == "peft-lora":
+                for name in names:
+                    peft_format.save_rows_as_lora(self, save_directory, name)
             elif is_main_process:
                 serialization.save_pretrained(self, save_directory, names)
 
