@@ -15,6 +15,7 @@ from torch import nn
 from tt_core import MethodRegister, hookimpl, peft_format
 from tt_core.errors import ConfigError
 from tt_core.targets import find_tied_modules, input_embedding_name, named_base_modules
+from tt_plugins import lora_options
 from tt_plugins.lora_embedding.config import LoraEmbeddingConfig
 from tt_plugins.lora_embedding.layer import LoraEmbeddingLayer
 
@@ -238,50 +239,14 @@ def _shared_form(
     return targets
 
 
-def _for_linear_layers(tensors: dict[str, torch.Tensor], model: nn.Module | None) -> bool:
-    """Whether a PEFT LoRA is one of linear layers, the ``lora_linear`` method's.
-
-    It is when it holds no embedding factors and adapts some linear module that
-    shares no weight with an embedding (without the model: any linear module).
-    LoRA on an embedding together with such modules stays here and is refused
-    as a whole.
-    """
-    if any(key.endswith((".lora_embedding_A", ".lora_embedding_B")) for key in tensors):
-        return False
-    linear = [key.rsplit(".", 2)[0] for key in tensors if key.endswith((".lora_A.weight", ".lora_B.weight"))]
-    if not linear:
-        return False
-    if model is None:
-        return True
-    modules = dict(named_base_modules(model))
-    embedding_weights = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
-    return any(id(getattr(modules.get(name), "weight", None)) not in embedding_weights for name in linear)
-
-
 @hookimpl
 def peft_import(
     peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None
 ) -> tuple[LoraEmbeddingConfig, dict[str, torch.Tensor]] | None:
-    if peft_config.get("peft_type") != "LORA" or _for_linear_layers(tensors, model):
+    if peft_config.get("peft_type") != "LORA" or lora_options.on_linear_layers(tensors, model):
         return None
     peft_format.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
-    bias = peft_config.get("bias", "none")
-    if bias != "none":
-        raise ConfigError(
-            f"PEFT option bias={bias!r} trains biases of the base model, which tt-adapters never changes"
-        )
-    init = peft_config.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        raise ConfigError(
-            f"PEFT option init_lora_weights={init!r} is not one tt-adapters can vouch for: initialisations "
-            "such as PiSSA, OLoRA, LoftQ or CorDA change the base weights when PEFT loads the adapter, "
-            "which tt-adapters never does"
-        )
-    r, alpha = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(f"PEFT option r={r!r} is not a rank")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ConfigError(f"PEFT option lora_alpha={alpha!r} is not a number")
+    r, alpha, _ = lora_options.peft_numbers(peft_config)
     if peft_config.get("use_rslora"):
         alpha = alpha * math.sqrt(r)  # PEFT scales by alpha / sqrt(r); this plugin by alpha / r
     factors = _factors(tensors, r)

@@ -10,6 +10,7 @@ from typing import ClassVar
 from tt_core import AdapterConfig
 from tt_core.config import check_target_modules
 from tt_core.errors import ConfigError
+from tt_plugins import lora_options
 
 #: PEFT's shorthand for every linear layer but the output head.
 ALL_LINEAR = "all-linear"
@@ -46,20 +47,7 @@ class LoraLinearConfig(AdapterConfig):
     init_lora_weights: bool | str = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
-            raise ConfigError(f"r={self.r!r} is not a valid LoRA rank; give a whole number >= 1, e.g. r=8")
-        self.r = int(self.r)
-        alpha = self.lora_alpha
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, numbers.Real)
-            or not math.isfinite(alpha)
-            or alpha <= 0
-        ):
-            raise ConfigError(
-                f"lora_alpha={alpha!r} is not valid; give a positive number, e.g. lora_alpha={2 * self.r}"
-            )
-        self.lora_alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
+        self.r, self.lora_alpha = lora_options.rank_and_alpha(self.r, self.lora_alpha)
         dropout = self.lora_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
             raise ConfigError(f"lora_dropout={dropout!r} is not a probability; give a number in [0, 1)")

@@ -18,6 +18,7 @@ from tt_core import MethodRegister, hookimpl, peft_format
 from tt_core.errors import ConfigError
 from tt_core.layer import AdapterLayer, is_conv1d
 from tt_core.targets import named_base_modules, resolve_targets
+from tt_plugins import lora_options
 from tt_plugins.lora_linear.config import ALL_LINEAR, LoraLinearConfig
 from tt_plugins.lora_linear.layer import LoraLinearLayer
 
@@ -152,22 +153,6 @@ _REASONS = {
 _FACTORS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
 
 
-def _owns(tensors: dict[str, torch.Tensor], model: nn.Module | None) -> bool:
-    """Whether a PEFT LoRA is this plugin's: linear factors only, not all on heads tied to an embedding.
-
-    LoRA on embeddings, and on heads tied to one alone, is ``lora_embedding``'s
-    (its ``peft_import`` answers exactly when this returns False).
-    """
-    modules = [key.rsplit(".", 2)[0] for key in tensors if key.endswith(tuple("." + f for f in _FACTORS))]
-    if not modules or any(key.endswith((".lora_embedding_A", ".lora_embedding_B")) for key in tensors):
-        return False
-    if model is None:
-        return True
-    named = dict(named_base_modules(model))
-    embedding_weights = {id(m.weight) for m in named.values() if isinstance(m, nn.Embedding)}
-    return any(id(getattr(named.get(name), "weight", None)) not in embedding_weights for name in modules)
-
-
 def _factors(tensors: dict[str, torch.Tensor], r: int) -> dict[str, dict[str, torch.Tensor]]:
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -220,24 +205,10 @@ def _check_modules(factors: dict[str, dict[str, torch.Tensor]], model: nn.Module
 def peft_import(
     peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None
 ) -> tuple[LoraLinearConfig, dict[str, torch.Tensor]] | None:
-    if peft_config.get("peft_type") != "LORA" or not _owns(tensors, model):
+    if peft_config.get("peft_type") != "LORA" or not lora_options.on_linear_layers(tensors, model):
         return None
     peft_format.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
-    bias = peft_config.get("bias", "none")
-    if bias != "none":
-        raise ConfigError(
-            f"PEFT option bias={bias!r} trains biases of the base model, which tt-adapters never changes"
-        )
-    init = peft_config.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        raise ConfigError(
-            f"PEFT option init_lora_weights={init!r} is not one tt-adapters can vouch for: initialisations "
-            "such as PiSSA, OLoRA, LoftQ or CorDA change the base weights when PEFT loads the adapter, "
-            "which tt-adapters never does"
-        )
-    r, alpha = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(f"PEFT option r={r!r} is not a rank")
+    r, alpha, init = lora_options.peft_numbers(peft_config)
     factors = _factors(tensors, r)
     fan_in_fan_out = bool(peft_config.get("fan_in_fan_out", False))
     if model is not None:
