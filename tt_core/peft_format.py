@@ -192,14 +192,7 @@ def _export(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any], dic
         raise PluginError(f"the peft_export hook of {method.plugin!r} returned a config without a peft_type")
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise PluginError(f"the peft_export hook of {method.plugin!r} must return tensors by key")
-    base_name = getattr(adapter_model.model, "name_or_path", None) or None
-    config = {
-        "task_type": None,
-        "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
-        "revision": None,
-        "inference_mode": True,
-        **peft_config,
-    }
+    config = _with_base_fields(adapter_model, peft_config)
     return config, tensors
 
 
@@ -391,11 +384,18 @@ def rows_as_lora(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any]
                     "nn.Linear. Nothing was written."
                 )
             targets.append(module_name)
-    config: dict[str, Any] = {
+    if rank is None:
+        raise AdapterStateError(f"adapter {name!r} adapts no weight; there is nothing to write")
+    return lora_config(rank, rank, targets), tensors  # lora_alpha = r: scaling 1
+
+
+def lora_config(r: int, lora_alpha: float, target_modules: list[str]) -> dict[str, Any]:
+    """PEFT's ``adapter_config`` of a plain LoRA (no dropout, bias, DoRA or patterns) on these modules."""
+    return {
         "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": rank,  # scaling = lora_alpha / r = 1
-        "target_modules": targets,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": target_modules,
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
@@ -407,7 +407,18 @@ def rows_as_lora(adapter_model: AdapterModel, name: str) -> tuple[dict[str, Any]
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    return config, tensors
+
+
+def _with_base_fields(adapter_model: AdapterModel, peft_config: dict[str, Any]) -> dict[str, Any]:
+    """``peft_config`` with the fields PEFT writes about the base model and the mode."""
+    base_name = getattr(adapter_model.model, "name_or_path", None) or None
+    return {
+        "task_type": None,
+        "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
+        "revision": None,
+        "inference_mode": True,
+        **peft_config,
+    }
 
 
 def save_rows_as_lora(
@@ -430,14 +441,7 @@ def save_rows_as_lora(
             "written."
         )
     peft_config, tensors = rows_as_lora(adapter_model, adapter_name)
-    base_name = getattr(adapter_model.model, "name_or_path", None) or None
-    config = {
-        "task_type": None,
-        "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
-        "revision": None,
-        "inference_mode": True,
-        **peft_config,
-    }
+    config = _with_base_fields(adapter_model, peft_config)
     weights = {KEY_PREFIX + key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}
     folder = root if adapter_name == DEFAULT_ADAPTER else root / adapter_name
     weight_bytes = safetensors.torch.save(weights, metadata={"format": "pt"})

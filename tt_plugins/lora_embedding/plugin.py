@@ -119,23 +119,7 @@ def peft_export(
                     f"{name} is a {type(module).__name__}; PEFT's LoRA form covers nn.Embedding and nn.Linear"
                 )
             targets.append(name)
-    peft_config = {
-        "peft_type": "LORA",
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "target_modules": targets,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    return peft_config, tensors
+    return peft_format.lora_config(config.r, config.lora_alpha, targets), tensors
 
 
 def _factors(tensors: dict[str, torch.Tensor], r: int) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
