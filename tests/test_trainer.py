@@ -3,7 +3,7 @@
 Trainer saves a model that is neither a PreTrainedModel nor a PeftModel as
 ``model.safetensors`` = ``state_dict()`` and resumes it with
 ``load_state_dict(state, False)``; AdapterModel answers both with its adapters
-only (tt_core/training.py). Every run here keeps Trainer's default
+only (tt_core/formats/trainer.py). Every run here keeps Trainer's default
 checkpointing (save_strategy="steps"), on a tied and an untied model.
 """
 

@@ -12,8 +12,10 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -21,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tt_core.api.errors import SavedFolderError, TTError
 from tt_core.commands import BAD_INPUT as _BAD_INPUT
 from tt_core.commands import CommandError, model_class
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
 
 _FAILED = 1
 _INTERRUPTED = 130
-_COMMANDS = ("plugins", "inspect", "registry", "merge", "demo")
+_COMMANDS = ("plugins", "inspect", "registry", "merge", "export", "demo")
 _REGISTRY_ACTIONS = ("list", "info", "publish", "rm", "verify", "gc")
 # Files that tell a transformers model folder also holds a tokenizer.
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -73,7 +76,7 @@ def _plugins(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")  # broken plugins are listed below, one line each
             manager = get_plugin_manager()
         methods = sorted(manager.methods.values(), key=lambda m: m.name)
-    except (ValueError, TypeError, RuntimeError) as error:
+    except (TTError, ValueError, TypeError, RuntimeError) as error:
         # e.g. two plugins claiming one method name, or TT_STRICT_PLUGINS=1 and a broken plugin
         raise CommandError(
             f"the installed plugins conflict or are broken: {_describe(error)}", _FAILED
@@ -312,42 +315,58 @@ def _check_out(out: Path, base: Path, force: bool) -> None:
         raise CommandError(f"--out {out} is not empty; pass --force to write into it")
 
 
-def _merge(args: argparse.Namespace) -> int:
-    base, out = Path(args.base_model), Path(args.out)
-    _check_out(out, base, args.force)
+def _load_published(
+    args: argparse.Namespace, base: Path, step: Any, bar: Any
+) -> tuple[Any, Any, list[str], int]:
+    """The base model in ``base`` with the published ``args.specs`` loaded, its tokenizer (or None),
+    the specs with their versions, and how many tokens the adapters added to the tokenizer."""
+    registry = _registry(args)
+    specs = [registry.info(spec).spec for spec in args.specs]  # unknown names fail before any loading
+    step("loading the base model")
+    model = model_class(base).from_pretrained(str(base), local_files_only=True)
+    model.eval()
+    bar.update(1)
+    tokenizer = None
+    if _has_tokenizer(base):
+        step("loading the tokenizer")
+        tokenizer = _load_tokenizer(base)
+        bar.update(1)
+    before = len(tokenizer) if tokenizer is not None else 0
+    step(f"loading {', '.join(specs)}")
+    try:
+        with _transformers_errors_only():
+            adapter_model = registry.load(model, specs, tokenizer=tokenizer, strict=not args.no_strict)
+    except SavedFolderError as error:
+        # The library's advice names its argument; here the same switch is a flag.
+        if "strict=False" not in str(error):
+            raise
+        raise CommandError(_one_line(error).replace("pass strict=False", "pass --no-strict")) from None
+    bar.update(1)
+    return adapter_model, tokenizer, specs, (len(tokenizer) - before if tokenizer is not None else 0)
+
+
+def _has_tokenizer(base: Path) -> bool:
+    return any((base / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _check_base(base: Path) -> None:
     if not (base / "config.json").is_file():
         raise CommandError(
             f"{base} has no config.json; pass a folder written by a transformers model's save_pretrained()"
         )
-    registry = _registry(args)
-    specs = [registry.info(spec).spec for spec in args.specs]  # unknown names fail before any loading
-    has_tokenizer = any((base / name).is_file() for name in _TOKENIZER_FILES)
-    with _quiet_transformers(), _progress(total=4 + has_tokenizer) as bar:
+
+
+def _merge(args: argparse.Namespace) -> int:
+    base, out = Path(args.base_model), Path(args.out)
+    _check_out(out, base, args.force)
+    _check_base(base)
+    with _quiet_transformers(), _progress(total=4 + _has_tokenizer(base)) as bar:
 
         def step(description: str) -> None:
             bar.set_postfix_str(description)
 
-        step("loading the base model")
-        base_class = model_class(base)
-        model = base_class.from_pretrained(str(base), local_files_only=True)
-        model.eval()
-        bar.update(1)
-        tokenizer = None
-        if has_tokenizer:
-            step("loading the tokenizer")
-            tokenizer = _load_tokenizer(base)
-            bar.update(1)
-        before = len(tokenizer) if tokenizer is not None else 0
-        step(f"loading {', '.join(specs)}")
-        try:
-            with _transformers_errors_only():
-                adapter_model = registry.load(model, specs, tokenizer=tokenizer, strict=not args.no_strict)
-        except ValueError as error:
-            # The library's advice names its argument; here the same switch is a flag.
-            if "strict=False" not in str(error):
-                raise
-            raise CommandError(_one_line(error).replace("pass strict=False", "pass --no-strict")) from None
-        bar.update(1)
+        adapter_model, tokenizer, specs, added = _load_published(args, base, step, bar)
+        model_class = type(adapter_model.model)
         step(f"merging {', '.join(specs)}")
         merged: Any = adapter_model.merge_and_unload()  # the transformers model, adapters folded in
         bar.update(1)
@@ -357,14 +376,70 @@ def _merge(args: argparse.Namespace) -> int:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
         bar.update(1)
-    added = len(tokenizer) - before if tokenizer is not None else 0
     tokens = f", and the tokenizer with {added} added token(s)" if added else ""
     tokens = tokens or (", and the tokenizer" if tokenizer is not None else "")
     print(
-        f"wrote {out}: {base_class.__name__} with {', '.join(specs)} merged in{tokens}; "
+        f"wrote {out}: {model_class.__name__} with {', '.join(specs)} merged in{tokens}; "
         f"the base model in {base} is unchanged"
     )
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    base, out = Path(args.base_model), Path(args.out)
+    _check_out(out, base, args.force)
+    _check_base(base)
+    with _quiet_transformers(), _progress(total=4 + _has_tokenizer(base)) as bar:
+
+        def step(description: str) -> None:
+            bar.set_postfix_str(description)
+
+        adapter_model, tokenizer, (spec,), added = _load_published(args, base, step, bar)
+        (name,) = adapter_model.adapters
+        if args.format == "peft-lora" and added:
+            _refuse_new_rows_as_lora(spec, adapter_model.adapter_configs[name], tokenizer, added)
+        step(f"writing {spec} as {args.format}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside --out, then renamed into place: a reader never sees half an export.
+        staging = Path(tempfile.mkdtemp(prefix=".tt-export-", dir=out.parent))
+        try:
+            adapter_model.save_pretrained(staging, format=args.format, selected_adapters=[name])
+            folder = staging if name == "default" else staging / name  # PEFT's layout
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(folder))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(folder, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        bar.update(2)
+    print(
+        f"wrote {out}: {spec} as {_EXPORT_FORMATS[args.format]}"
+        + (" with its tokenizer" if tokenizer is not None else "")
+        + "; peft.PeftModel.from_pretrained(base_model, DIR) loads it"
+    )
+    return 0
+
+
+def _refuse_new_rows_as_lora(spec: str, config: Any, tokenizer: Any, added: int) -> None:
+    """A LoRA holds changes to rows; rows of tokens the base lacks exist only after a random resize."""
+    indices = getattr(config, "token_indices", None) or []
+    ids = sorted({i for ids in indices.values() for i in ids} if isinstance(indices, dict) else set(indices))
+    first_new = len(tokenizer) - added
+    new = [tokenizer.convert_ids_to_tokens(i) for i in ids if i >= first_new]
+    if new:
+        raise CommandError(
+            f"{spec} trains the rows of {len(new)} token(s) the base model does not have ({new[:5]}): a "
+            "LoRA holds changes to rows, and those rows exist only after resizing, filled at random, so no "
+            "LoRA reproduces them on another copy of the base. Export with --as peft (it holds the rows "
+            "themselves), or merge them into the model (tt merge) and serve that"
+        )
+
+
+_EXPORT_FORMATS = {
+    "peft": "PEFT's own format (trainable tokens as TRAINABLE_TOKENS, LoRA as LORA)",
+    "peft-lora": "a PEFT LoRA (token rows as an exact rank-k update of the embedding and tied head)",
+}
 
 
 # ------------------------------------------------------------------- tt demo
@@ -377,7 +452,7 @@ spelled out (self-distillation: the frozen model's mean-pooled embedding of
 the spelled-out sentence is the target). On sentences it never trained on it
 prints the cosine to the spelled-out sentence and how often each one
 retrieves its spelled-out twin, for random rows, for rows started as the
-mean of the word-pieces, and after trainer. Then it publishes the adapter
+mean of the word-pieces, and after training. Then it publishes the adapter
 to a registry, loads it onto a fresh model, stacks and switches adapters,
 merges one and saves a plain transformers model with its tokenizer, checking
 that the outputs stay the same. Nothing is downloaded. The default model is
@@ -457,6 +532,25 @@ def _parser() -> argparse.ArgumentParser:
     _add_registry_option(merge, None)
     merge.set_defaults(run=_merge)
 
+    export = commands.add_parser(
+        "export", help="write a published adapter as a PEFT folder that PEFT and serving engines load"
+    )
+    export.add_argument("base_model", metavar="BASE_MODEL_DIR", help="the local base model it was trained on")
+    export.add_argument("specs", nargs=1, metavar="NAME[@VERSION]", help="the published adapter")
+    export.add_argument(
+        "--as",
+        dest="format",
+        choices=sorted(_EXPORT_FORMATS),
+        default="peft-lora",
+        help="peft-lora (default): trainable tokens as an exact LoRA, which engines serving LoRA load; "
+        "peft: PEFT's own format",
+    )
+    export.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--no-strict", action="store_true", help="export even if trained on another base")
+    _add_registry_option(export, None)
+    export.set_defaults(run=_export)
+
     from tt_core import demo
 
     demo_parser = commands.add_parser(
@@ -520,8 +614,6 @@ def _main(words: list[str], prog: str) -> int:
         args = _parser().parse_args(words)
     except SystemExit as stop:  # --help, --version, or a usage error already printed on one line
         return stop.code if isinstance(stop.code, int) else _BAD_INPUT
-    from tt_core.api.errors import TTError
-
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
@@ -529,9 +621,12 @@ def _main(words: list[str], prog: str) -> int:
         except CommandError as error:
             print(f"{prog}: {_describe(error)}", file=sys.stderr)
             return error.status
-        except (TTError, ValueError, TypeError, OSError) as error:
+        except TTError as error:  # the project's own errors: bad input, named with its fix
             print(f"{prog}: {_describe(error)}", file=sys.stderr)
             return _BAD_INPUT
+        except OSError as error:  # the file system or the network said no
+            print(f"{prog}: {_describe(error)}", file=sys.stderr)
+            return _FAILED
         except Exception as error:
             if os.environ.get("TT_DEBUG", "") not in ("", "0"):
                 raise

@@ -5,7 +5,13 @@ Kept for plugin authors (docs/plugins.md, examples/tt-row-scale):
 """
 
 from tt_core.tensors.kernels import add_low_rank, replace_columns
-from tt_core.tensors.state import AdapterState, AppliedAdapters, embedding_scale, output_writable
+from tt_core.tensors.state import (
+    AdapterState,
+    AppliedAdapters,
+    embedding_scale,
+    is_conv1d,
+    output_writable,
+)
 from tt_core.tensors.wrapper import AdapterLayer
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "AppliedAdapters",
     "add_low_rank",
     "embedding_scale",
+    "is_conv1d",
     "output_writable",
     "replace_columns",
 ]

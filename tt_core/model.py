@@ -160,7 +160,7 @@ class AdapterModel(nn.Module):
             declined = [name for name in shared if name not in tied]
             site = Site(state, [target, *tied], declined)
             for name in site.modules:
-                AdapterLayer.check_wrappable(name, modules[name])
+                AdapterLayer.check_wrappable(name, modules[name], site.state)
             covered.update(site.modules)
             sites.append(site)
         # Every check passed: only now is the model touched.
@@ -477,10 +477,15 @@ class AdapterModel(nn.Module):
         PEFT's arguments in PEFT's order: only safetensors are written, the
         adapter never needs the whole embedding saved, and a process with
         ``is_main_process=False`` writes nothing. ``format="peft"`` writes what
-        ``peft.PeftModel.from_pretrained`` loads instead (docs/peft.md).
+        ``peft.PeftModel.from_pretrained`` loads instead; ``format="peft-lora"``
+        writes trainable tokens as the equivalent PEFT LoRA on the embedding,
+        which serving engines that take LoRA load (docs/peft.md).
         """
-        if format not in ("tt", "peft"):
-            raise ConfigError(f"format={format!r} is not one of 'tt' (tt-adapters' own) and 'peft' (PEFT's)")
+        if format not in ("tt", "peft", "peft-lora"):
+            raise ConfigError(
+                f"format={format!r} is not one of 'tt' (tt-adapters' own), 'peft' (PEFT's) and 'peft-lora' "
+                "(trainable tokens as a PEFT LoRA)"
+            )
         if safe_serialization is not True:
             raise ConfigError(
                 "tt-adapters writes safetensors only (nothing is pickled); drop safe_serialization"
@@ -496,6 +501,10 @@ class AdapterModel(nn.Module):
         with whole_adapter_tensors(self, states):  # FSDP2: every rank gathers the rows; one writes
             if is_main_process and format == "peft":
                 peft.save(self.model, self._records, self.active_adapters, save_directory, names)
+            elif is_main_process and format == "peft-lora":
+                for name in names:
+                    merged = self.merged_adapters
+                    peft.save_rows_as_lora(self.model, self._records, merged, save_directory, name)
             elif is_main_process:
                 native.save_pretrained(self.model, self._records, self.active_adapters, save_directory, names)
 

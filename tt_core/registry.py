@@ -29,7 +29,7 @@ from typing import Any
 import platformdirs
 from torch import nn
 
-from tt_core.api.errors import RegistryError, StorageError
+from tt_core.api.errors import ArgumentTypeError, RegistryError, StorageError
 from tt_core.disk import manifest, storage
 from tt_core.disk.manifest import ADAPTER_MANIFEST
 from tt_core.formats import native, peft
@@ -83,13 +83,13 @@ class Published:
 def parse_spec(spec: str) -> tuple[str, int | None]:
     """``"name"`` -> (name, None); ``"name@3"`` -> (name, 3)."""
     if not isinstance(spec, str):
-        raise TypeError(f"an adapter is named by a string 'name' or 'name@version', got {spec!r}")
+        raise ArgumentTypeError(f"an adapter is named by a string 'name' or 'name@version', got {spec!r}")
     name, _, version = spec.partition("@")
     check_adapter_name(name)
     if not version:
         return name, None
     if not _VERSION.fullmatch(version):
-        raise ValueError(f"{spec!r}: the version after '@' must be a whole number >= 1, e.g. {name}@1")
+        raise RegistryError(f"{spec!r}: the version after '@' must be a whole number >= 1, e.g. {name}@1")
     return name, int(version)
 
 
@@ -126,7 +126,7 @@ def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str, a
         if have is None:
             missing.append(token)
         elif have != token["id"]:
-            raise ValueError(
+            raise RegistryError(
                 f"token {token['content']!r} has id {have} in this tokenizer but {token['id']} in {where}; "
                 "the adapter's rows would train the wrong token. Load the tokenizer it was published with."
             )
@@ -134,7 +134,7 @@ def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str, a
     start = len(tokenizer)
     wanted = [token["id"] for token in missing]
     if wanted != list(range(start, start + len(missing))):
-        raise ValueError(
+        raise RegistryError(
             f"{where} needs tokens {[t['content'] for t in missing]} at ids {wanted}, but this tokenizer "
             f"has {start} tokens, so they would land at {list(range(start, start + len(missing)))}. "
             "Load the tokenizer the adapter was published with."
@@ -144,7 +144,9 @@ def sync_tokenizer(tokenizer: Any, recorded: list[dict[str, Any]], where: str, a
     for token in missing:
         tokenizer.add_tokens([token["content"]], special_tokens=token["special"])
         if tokenizer.convert_tokens_to_ids(token["content"]) != token["id"]:
-            raise ValueError(f"token {token['content']!r} did not land at id {token['id']} in this tokenizer")
+            raise RegistryError(
+                f"token {token['content']!r} did not land at id {token['id']} in this tokenizer"
+            )
     return [token["content"] for token in missing]
 
 
@@ -194,7 +196,7 @@ class Registry:
             if len(candidates) != 1:
                 candidates = adapter_model.active_adapters
             if len(candidates) != 1:
-                raise ValueError(
+                raise RegistryError(
                     f"the model has adapters {adapter_model.adapters}; say which to publish with adapter=..."
                 )
             adapter = candidates[0]
@@ -240,10 +242,10 @@ class Registry:
     ) -> int:
         check_adapter_name(name)
         if not isinstance(description, str):
-            raise TypeError(f"description must be a string, got {description!r}")
+            raise ArgumentTypeError(f"description must be a string, got {description!r}")
         if name in self._packaged():
             source = self._packaged()[name].source
-            raise ValueError(f"{name!r} is provided read-only by {source}; publish under another name")
+            raise RegistryError(f"{name!r} is provided read-only by {source}; publish under another name")
         self.root.mkdir(parents=True, exist_ok=True)
         published = {
             "description": description,
@@ -344,22 +346,22 @@ class Registry:
         packaged = self._packaged()
         if name in packaged:
             if version not in (None, PACKAGED_VERSION):
-                raise ValueError(f"{name!r} is packaged ({packaged[name].source}) and has only version 1")
+                raise RegistryError(f"{name!r} is packaged ({packaged[name].source}) and has only version 1")
             if packaged[name].source == "broken":
-                raise ValueError(f"packaged adapter {name!r} cannot be read: {packaged[name].description}")
+                raise RegistryError(f"packaged adapter {name!r} cannot be read: {packaged[name].description}")
             return packaged[name]
         versions = self._numbers(name)
         if version not in (None, *versions) and (self.root / name / f"{version}{_REMOVED}").exists():
-            raise ValueError(f"{name}@{version} was removed (versions left: {versions})")
+            raise RegistryError(f"{name}@{version} was removed (versions left: {versions})")
         if not versions:
-            raise ValueError(
+            raise RegistryError(
                 f"no adapter {name!r} in the registry at {self.root} (it has: {self.names()}); "
                 "publish it first"
             )
         if version is None:
             version = versions[-1]
         elif version not in versions:
-            raise ValueError(f"{name!r} has no version {version} in {self.root} (versions: {versions})")
+            raise RegistryError(f"{name!r} has no version {version} in {self.root} (versions: {versions})")
         folder = self.root / name / str(version)
         try:
             return self._describe(name, version, folder, "local")
@@ -367,7 +369,7 @@ class Registry:
             if folder.is_dir():
                 raise
             # manifest.read reports a missing manifest.json as a ValueError; here it means a remove() won.
-            raise ValueError(f"{name}@{version} was removed while it was being read") from None
+            raise RegistryError(f"{name}@{version} was removed while it was being read") from None
 
     # --------------------------------------------------------------- loading
     def load(
@@ -391,14 +393,14 @@ class Registry:
         infos = [self.info(spec) for spec in spec_list]
         names = [info.name for info in infos]
         if len(set(names)) != len(names):
-            raise ValueError(f"{spec_list} names one adapter twice; an adapter model holds each name once")
+            raise RegistryError(f"{spec_list} names one adapter twice; an adapter model holds each name once")
         saved = {}
         for info in infos:
             try:
                 # A package's folder may hold its one adapter under another name ("default", say).
                 saved[info.name] = next(iter(storage.read_all(info.path, info.name)[1].values()))
             except (FileNotFoundError, storage.MissingFiles):
-                raise ValueError(f"{info.spec} was removed while it was being loaded") from None
+                raise RegistryError(f"{info.spec} was removed while it was being loaded") from None
             native.read_config(saved[info.name])
         if tokenizer is not None:
             self._prepare_tokenizer(base_model, into, tokenizer, infos)
@@ -430,7 +432,7 @@ class Registry:
             for token in info.added_tokens:
                 for seen in (recorded.get(token["content"]), at_id.get(token["id"])):
                     if seen is not None and (seen["content"], seen["id"]) != (token["content"], token["id"]):
-                        raise ValueError(
+                        raise RegistryError(
                             f"{seen['spec']} records token {seen['content']!r} at id {seen['id']} and "
                             f"{info.spec} token {token['content']!r} at id {token['id']}: they were "
                             "published with different tokenizers and cannot be loaded together"
@@ -443,7 +445,7 @@ class Registry:
         rows = int(model.get_input_embeddings().weight.shape[0])
         size = len(tokenizer) + len(missing)
         if rows < size and into is not None and into.adapters:
-            raise ValueError(
+            raise RegistryError(
                 f"the tokenizer would have {size} tokens but the model's embedding {rows} rows, "
                 "and a model carrying adapters cannot be resized; resize before adding adapters"
             )

@@ -59,8 +59,9 @@ compares gradients through it. It may build vocabulary-sized tensors; it is
 a reference, not the forward.
 
 The models are tiny transformers models built from configs (no download):
-Llama with an untied and a tied head, and BERT, whose tied MLM head has a
-bias. Every check of one method on one model takes well under a second.
+Llama with an untied and a tied head, BERT, whose tied MLM head has a bias,
+and GPT-2, whose attention and MLP layers are transformers' ``Conv1D``.
+Every check of one method on one model takes well under a second.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ ConfigFactory = Callable[[int], AdapterConfig]
 Fold = Callable[[AdapterState, torch.Tensor], torch.Tensor]
 BadConfig = AdapterConfig | Callable[[int], AdapterConfig]
 
-#: The tiny models every check runs on.
-FAMILIES = ("llama", "llama_tied", "bert")
+#: The tiny models every check runs on. GPT-2's attention and MLP layers are transformers'
+#: Conv1D, linear layers storing their weight transposed (in, out).
+FAMILIES = ("llama", "llama_tied", "bert", "gpt2")
 #: The checks, in the order :func:`check_method` runs them.
 CHECKS = (
     "outputs",
@@ -163,6 +165,18 @@ def tiny_model(family: str, vocab: int = VOCAB, width: int = WIDTH, seed: int = 
         )
         with torch.no_grad():  # a bias that is not zero, so a head rule that mishandles it shows
             model.cls.predictions.bias.normal_()
+    elif family == "gpt2":
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=vocab,
+                n_embd=width,
+                n_layer=1,
+                n_head=2,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        )
     else:
         raise ValueError(f"unknown family {family!r}; the kit has {list(FAMILIES)}")
     return model.eval()

@@ -410,3 +410,72 @@ def test_merge_refuses_a_file_or_the_base_folder_as_out(capsys, tmp_path, regist
             capsys, "merge", base_dir, "greet", "--out", out, "--registry", registry, "--force"
         )
         assert_one_line_error(status, stdout, err, "merge")
+
+
+# ------------------------------------------------------------------- tt export
+def _published_with_a_new_token(tmp_path, registry, new_token):
+    """A base model folder, and in the registry an adapter training row 5 (and a new token's row)."""
+    base_dir = tmp_path / "base"
+    model, tokenizer = build("llama_tied"), word_tokenizer()
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    ids = [5, 9]
+    if new_token:
+        tokenizer.add_tokens(["<new>"])
+        model.resize_token_embeddings(len(tokenizer))
+        ids.append(tokenizer.convert_tokens_to_ids("<new>"))
+    adapter_model = get_adapter_model(model, TrainableTokensConfig(token_indices=ids, init_weights=False))
+    Registry(registry).publish(adapter_model, "greet", tokenizer=tokenizer)
+    return base_dir, adapter_model.eval(), ids
+
+
+@pytest.mark.parametrize(("form", "new_token"), [("peft-lora", False), ("peft", False), ("peft", True)])
+def test_export_writes_a_folder_peft_loads_with_the_adapters_outputs(
+    capsys, tmp_path, registry, form, new_token
+):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "out"
+    base_dir, adapter_model, ids = _published_with_a_new_token(tmp_path, registry, new_token)
+
+    status, stdout, err = tt(
+        capsys, "export", base_dir, "greet", "--as", form, "--out", out, "--registry", registry
+    )
+    assert status == 0, err
+    assert stdout.startswith(f"wrote {out}: greet@1 as ") and "with its tokenizer" in stdout
+    assert not any(path.name.startswith(".tt-export-") for path in tmp_path.iterdir())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("LORA" if form == "peft-lora" else "TRAINABLE_TOKENS")
+    served_tokenizer = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert len(served_tokenizer) == VOCAB + new_token
+
+    fresh = build("llama_tied")
+    fresh.resize_token_embeddings(len(served_tokenizer))  # new rows at random: PEFT's own rows replace them
+    served = peft.PeftModel.from_pretrained(fresh, str(out)).eval()
+    inputs = batch("llama_tied", [*ids, 7])
+    with torch.no_grad():
+        assert_same_math(logits(served, inputs), logits(adapter_model, inputs))
+
+
+def test_export_as_lora_refuses_rows_of_new_tokens(capsys, tmp_path, registry):
+    """A LoRA holds row changes; a new token's base row is random after a resize, so none reproduces it."""
+    out = tmp_path / "out"
+    base_dir, _, _ = _published_with_a_new_token(tmp_path, registry, new_token=True)
+    status, stdout, err = tt(capsys, "export", base_dir, "greet", "--out", out, "--registry", registry)
+    assert_one_line_error(status, stdout, err, "export")
+    assert "['<new>']" in err and "--as peft" in err
+    assert not out.exists()
+
+
+def test_export_refuses_what_its_format_cannot_hold_and_writes_nothing(capsys, tmp_path, registry):
+    from tt_plugins.lora_embedding import LoraEmbeddingConfig
+
+    base_dir, out = tmp_path / "base", tmp_path / "out"
+    build("llama").save_pretrained(base_dir)
+    Registry(registry).publish(get_adapter_model(build("llama"), LoraEmbeddingConfig(r=2)), "style")
+    status, stdout, err = tt(capsys, "export", base_dir, "style", "--out", out, "--registry", registry)
+    assert_one_line_error(status, stdout, err, "export")
+    assert not out.exists()
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".tt-")] == []
+    status, stdout, err = tt(capsys, "export", base_dir, "nope", "--out", out, "--registry", registry)
+    assert_one_line_error(status, stdout, err, "export")
+    assert "nope" in err

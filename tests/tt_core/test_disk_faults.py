@@ -17,6 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 from models import batch, build, logits
+from numerics import assert_same_math
 
 from tt_core import AdapterLayer, AdapterModel, get_adapter_model
 from tt_core.api.errors import SavedFolderError
@@ -508,6 +509,25 @@ def test_new_tokens_added_while_a_lora_is_merged_load_onto_a_clean_resized_base(
     with torch.no_grad():
         expected = logits(adapter_model, inputs)[..., columns]
         torch.testing.assert_close(logits(loaded, inputs)[..., columns], expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_an_adapter_loads_strictly_onto_its_base_while_a_lora_is_merged_into_it(tmp_path, family):
+    """The loading side compares the base without the adapters merged into it, as the saving side does."""
+    saved = get_adapter_model(build(family), TrainableTokensConfig(token_indices=[5, 9], init_weights=False))
+    saved.save_pretrained(tmp_path)
+    adapter_model = AdapterModel(build(family))
+    adapter_model.add_adapter("style", LoraEmbeddingConfig(r=4, lora_alpha=8, init_weights=False))
+    adapter_model.set_adapter("style")
+    adapter_model.merge_adapter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter_model.load_adapter(tmp_path, "default")  # strict
+    adapter_model.unmerge_adapter()
+    adapter_model.set_adapter("default")
+    inputs = batch(family, [5, 9, 3])
+    with torch.no_grad():
+        assert_same_math(logits(adapter_model, inputs), logits(saved, inputs))
 
 
 class _Embedding(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Calls without a gradient in eval mode run a stack folded once (tt_core/folded.py).
+"""Calls without a gradient in eval mode run a stack folded once (tt_core/tensors/folded.py).
 
 The folded stack must give the hand-folded weight's outputs on every model
 family, be built once and reused (one low-rank pass, no per-call folding), and

@@ -5,6 +5,7 @@ import torch
 
 from tt_core import testing
 from tt_plugins.lora_embedding import LoraEmbeddingConfig, LoraEmbeddingLayer
+from tt_plugins.lora_linear import LoraLinearConfig, LoraLinearLayer
 from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
 
 
@@ -39,9 +40,34 @@ LORA_BAD = [
     lambda vocab: LoraEmbeddingConfig(target_modules=["no_such_module"]),
 ]
 
+
+def lora_linear_config(vocab):
+    return LoraLinearConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+
+
+def lora_linear_fold(state: LoraLinearLayer, weight):
+    # PEFT's update of an (out, in) weight; a Conv1D stores its weight transposed.
+    delta = state.scaling * state.lora_B @ state.lora_A
+    return weight + (delta.T if state.fan_in_fan_out else delta)
+
+
+LORA_LINEAR_BAD = [
+    lambda vocab: LoraLinearConfig(r=0, target_modules="all-linear"),
+    lambda vocab: LoraLinearConfig(target_modules=None),
+    lambda vocab: LoraLinearConfig(target_modules="all-linear", bias="all"),
+    lambda vocab: LoraLinearConfig(target_modules="all-linear", init_lora_weights="pissa"),
+    lambda vocab: LoraLinearConfig(target_modules="all-linear", lora_dropout=1.0),
+    lambda vocab: LoraLinearConfig(target_modules=["no_such_module"]),
+    # an embedding is not a linear layer: refused by detect_target
+    lambda vocab: LoraLinearConfig(target_modules=r".*\.(embed_tokens|word_embeddings|wte)"),
+    # a regular expression matching a whole attention block, not its projections
+    lambda vocab: LoraLinearConfig(target_modules=r".*\.(self_attn|attention)"),
+]
+
 METHODS = {
     "trainable_tokens": (tokens_config, tokens_fold, TOKENS_BAD),
     "lora_embedding": (lora_config, lora_fold, LORA_BAD),
+    "lora_linear": (lora_linear_config, lora_linear_fold, LORA_LINEAR_BAD),
 }
 
 

@@ -73,7 +73,9 @@ def create_layer(
     Validate the config against ``base_layer`` here (index ranges, shapes) and
     raise ``ValueError`` with the fix; the model has not been touched yet, so
     an error leaves it as it was. Create parameters on the base weight's
-    device, in float32.
+    device, in float32. The core wraps ``nn.Embedding``, ``nn.Linear`` and
+    transformers' ``Conv1D`` (weight stored (in, out)); the last only for a
+    state declaring :attr:`~tt_core.AdapterState.adapts_conv1d`.
     """
 
 
@@ -147,7 +149,10 @@ def peft_import(
     ``peft_config`` (one ``adapter_config.json``, or the part of it the core
     split off, such as ``trainable_token_indices`` given as a
     ``"TRAINABLE_TOKENS"`` config) is of your kind, usually by its
-    ``peft_type``. ``tensors`` are the folder's tensors for it, keyed as
+    ``peft_type``. Plugins reading one ``peft_type`` answer for disjoint
+    folders (``lora_embedding`` and ``lora_linear`` split PEFT's ``LORA`` by
+    the modules its tensors adapt), so the order they are asked in never
+    matters. ``tensors`` are the folder's tensors for it, keyed as
     above, without copies of base weights (the core checks those). Return
     your config and the tensors your states load, keyed
     ``"<target>.<state_dict key>"`` with ``<target>`` the first module of each

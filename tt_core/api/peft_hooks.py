@@ -61,3 +61,23 @@ def check_options(
             key, "tt-adapters does not know this option, so it cannot tell what it does"
         )
         raise SavedFolderError(f"{where}: PEFT option {key}={value!r} cannot be applied: {reason}")
+
+
+def lora_config(r: int, lora_alpha: float, target_modules: list[str]) -> dict[str, Any]:
+    """PEFT's ``adapter_config`` of a plain LoRA (no dropout, bias, DoRA or patterns) on these modules."""
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": target_modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -167,11 +168,13 @@ def read_files(
         raise MissingFiles(f"{folder} (listed in {listed_in}) is missing; save the adapter again")
     present = set()
     for child in folder.iterdir():
-        if not child.is_symlink() and not child.exists():
-            continue  # removed since the listing (a writer's clean-up): reported as missing below
-        if child.is_symlink() or not child.is_file():
+        try:
+            mode = child.lstat().st_mode  # one look: a writer's clean-up may remove it at any moment
+        except FileNotFoundError:
+            continue  # removed since the listing: reported as missing below, so the reader retries
+        if not stat.S_ISREG(mode):
             raise SavedFolderError(
-                f"{child} is {'a symbolic link' if child.is_symlink() else 'not a plain file'}; an adapter "
+                f"{child} is {'a symbolic link' if stat.S_ISLNK(mode) else 'not a plain file'}; an adapter "
                 "folder holds plain files only. Remove it, or save the adapter again."
             )
         present.add(child.name)

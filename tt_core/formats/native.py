@@ -122,14 +122,14 @@ def _recall_clean(weight: torch.Tensor) -> _CleanRows | None:
     return found[1] if found is not None and found[0]() is weight else None
 
 
-def _merged_states(model: nn.Module, site: Site) -> list[AdapterState]:
-    """The adapters merged into the weight of ``site``, in the order the layer holds them."""
+def _merged_states(model: nn.Module, modules: list[str], exclude: object = None) -> list[AdapterState]:
+    """The adapters but ``exclude`` merged into the weight of ``modules``, in the layers' order."""
     found: list[AdapterState] = []
-    for name in site.modules:
+    for name in modules:
         module = model.get_submodule(name)
         if isinstance(module, AdapterLayer):
             for state in module.adapters.values():
-                if not isinstance(state, AdapterState) or state is site.state:
+                if not isinstance(state, AdapterState) or state is exclude:
                     continue
                 if state.merged and all(state is not seen for seen in found):
                     found.append(state)
@@ -171,7 +171,7 @@ def base_fingerprint(model: nn.Module, sites: list[Site]) -> dict[str, Any]:
     for site in sites:
         weight, touched = site.weight(model), site.state.touched_rows()
         rows = _fingerprint_rows(weight, touched)
-        merged = _merged_states(model, site)
+        merged = _merged_states(model, site.modules, site.state)
         digest = _unmerged_digest(weight, merged, rows) if merged else _remember_clean(weight).digests[rows]
         weights[site.modules[0]] = weight_fingerprint(weight, touched, digest)
     return {"model": type(model).__name__, "weights": weights}
@@ -198,7 +198,8 @@ def base_mismatches(saved: dict[str, Any], model: nn.Module, where: Path) -> lis
             ) from None
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] < rows:
             continue  # the shape check reports it, with the fix
-        if _rows_digest(weight, rows) != digest:
+        merged = _merged_states(model, [target])  # adapters merged into it are not the base
+        if (_unmerged_digest(weight, merged, rows) if merged else _rows_digest(weight, rows)) != digest:
             dtype, mine = recorded.get("dtype"), str(weight.dtype).removeprefix("torch.")
             note = (
                 f" (it was saved from a {dtype} weight; this one is {mine})"

@@ -16,7 +16,7 @@ This module holds what any method shares (see docs/peft.md):
 
 What one method's adapter becomes in PEFT's terms, and back, is its plugin's
 business: the ``peft_export`` and ``peft_import`` hooks (:mod:`tt_core.api.hookspecs`).
-A PEFT folder is converted into the files :func:`tt_core.formats.native.load_adapter`
+A PEFT folder is converted into the files :func:`tt_core.native.load_adapter`
 reads, so loading it goes through every check a native load does, all-or-nothing.
 """
 
@@ -38,12 +38,12 @@ from torch import nn
 
 from tt_core.api.config import AdapterConfig
 from tt_core.api.errors import AdapterStateError, ConfigError, PluginError, SavedFolderError
-from tt_core.api.peft_hooks import is_unset
+from tt_core.api.peft_hooks import is_unset, lora_config
 from tt_core.disk import manifest, storage
 from tt_core.disk.manifest import CONFIG_FILE, WEIGHTS_FILE
 from tt_core.formats import native
 from tt_core.plugins import get_plugin_manager
-from tt_core.tensors.targets import named_base_modules
+from tt_core.tensors.targets import input_embedding_name, named_base_modules
 
 if TYPE_CHECKING:
     from tt_core.records import AdapterRecord
@@ -56,6 +56,7 @@ KEY_PREFIX = "base_model.model."
 TOKENS_SUFFIX = "_tokens"
 _LEGACY_WEIGHTS = "adapter_model.bin"
 _BASE_COPY = re.compile(r"(?P<module>.+?)(?:\.token_adapter)?\.base_layer\.weight")
+_ROWS = "trainable_tokens_delta"  # PEFT's key of token rows
 _TOKEN_ROWS = re.compile(r"(?P<module>.+)\.token_adapter\.trainable_tokens_delta")
 # Trainer's checkpoint folders hold a PEFT adapter too; they are not adapters saved beside the root one.
 _CHECKPOINT_MARKER = "trainer_state.json"
@@ -139,27 +140,62 @@ def _export(
         raise PluginError(f"the peft_export hook of {method.plugin!r} returned a config without a peft_type")
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise PluginError(f"the peft_export hook of {method.plugin!r} must return tensors by key")
-    base_name = getattr(model, "name_or_path", None) or None
-    config = {
-        "task_type": None,
-        "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
-        "revision": None,
-        "inference_mode": True,
-        **peft_config,
-    }
+    config = _with_base_fields(model, peft_config)
     return config, tensors
 
 
-def _check_stack(
+def _join_tokens(
     model: nn.Module,
     records: Mapping[str, AdapterRecord],
-    stack: list[str],
-    configs: dict[str, dict[str, Any]],
+    exported: dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]],
+) -> dict[str, str]:
+    """Write a LoRA ``name`` and trainable tokens ``name_tokens`` saved together as one PEFT adapter.
+
+    The inverse of :func:`_split_tokens`: PEFT holds them as one ``LoraConfig``
+    with ``trainable_token_indices`` (a list for the input embedding, else
+    ``{module: ids}``) and the rows under ``<module>.token_adapter.``; PEFT
+    gives the rows to a head tied to the input embedding itself, so only the
+    targets' rows are written. Changes ``exported`` in place; returns
+    ``{tokens name: LoRA name}`` for the pairs joined.
+    """
+    joined = {}
+    for name in list(exported):
+        tokens_name = name + TOKENS_SUFFIX
+        if tokens_name not in exported:
+            continue
+        (config, tensors), (tokens_config, token_tensors) = exported[name], exported[tokens_name]
+        if config["peft_type"] != "LORA" or tokens_config["peft_type"] != "TRAINABLE_TOKENS":
+            continue
+        for site in records[name].sites:
+            for tokens_site in records[tokens_name].sites:
+                if site.weight(model) is tokens_site.weight(model):
+                    raise AdapterStateError(
+                        f"adapters {name!r} (LoRA on {site.modules}) and {tokens_name!r} (trainable tokens "
+                        f"on {tokens_site.modules}) change one weight; PEFT saves them together as one "
+                        "LoraConfig with trainable_token_indices, which it refuses on a module its LoRA "
+                        "adapts. Save them in separate calls with selected_adapters=[...]. Nothing was "
+                        "written."
+                    )
+        targets, ids = tokens_config["target_modules"], tokens_config["token_indices"]
+        try:
+            embedding = input_embedding_name(model)
+        except ValueError:
+            embedding = ""
+        indices: Any = ids if targets == [embedding] else {target: ids for target in targets}
+        rows = {f"{target}.token_adapter.{_ROWS}": token_tensors[f"{target}.{_ROWS}"] for target in targets}
+        exported[name] = ({**config, "trainable_token_indices": indices}, {**tensors, **rows})
+        del exported[tokens_name]
+        joined[tokens_name] = name
+    return joined
+
+
+def _check_stack(
+    model: nn.Module, records: Mapping[str, AdapterRecord], stack: list[str], peft_types: dict[str, str]
 ) -> None:
     """Refuse a stack (the saved adapters that are active) that PEFT cannot apply as tt-adapters does."""
     if len(stack) < 2:
         return
-    kinds = {name: configs[name]["peft_type"] for name in stack}
+    kinds = {name: peft_types[name] for name in stack}
     if len(set(kinds.values())) > 1:
         raise AdapterStateError(
             f"the active stack {stack} mixes PEFT adapter types {kinds}; a PEFT model holds adapters of one "
@@ -214,8 +250,10 @@ def save(
             "ambiguous. Save in PEFT's format into another folder. Nothing was written."
         )
     exported = {name: _export(model, name, records[name]) for name in names}
-    stack = [name for name in active if name in names]
-    _check_stack(model, records, stack, {name: config for name, (config, _) in exported.items()})
+    kinds = {name: config["peft_type"] for name, (config, _) in exported.items()}
+    for tokens_name, name in _join_tokens(model, records, exported).items():
+        kinds[tokens_name] = kinds[name]  # one PEFT adapter now: a LoRA with trainable_token_indices
+    _check_stack(model, records, [name for name in active if name in names], kinds)
     files: dict[Path, tuple[bytes, bytes]] = {}
     for name, (config, tensors) in exported.items():
         folder = root if name == DEFAULT_ADAPTER else root / name
@@ -233,6 +271,121 @@ def save(
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(folder / WEIGHTS_FILE, weight_bytes)
         _write_atomically(folder / CONFIG_FILE, config_bytes)
+
+
+def rows_as_lora(
+    model: nn.Module, name: str, record: AdapterRecord, merged: list[str]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A row-replacing adapter (trainable tokens) as an exactly equivalent PEFT LoRA: ``(config, tensors)``.
+
+    An adapter that replaces the rows ``ids`` of a weight ``W`` by
+    ``R = adapt_rows(ids, W[ids])`` adds ``onehot(ids).T @ (R - W[ids])`` to it:
+    a LoRA of rank ``k = len(ids)`` whose one factor selects the rows and whose
+    other holds the row deltas, with ``lora_alpha = r`` (scaling 1, so PEFT
+    multiplies by 1.0). On an embedding that is ``lora_embedding_A = onehot``
+    (k x vocabulary) and ``lora_embedding_B = (R - W[ids]).T``; on a head using
+    the weight, ``lora_A.weight = R - W[ids]`` and ``lora_B.weight = onehot.T``:
+    every module the state reaches gets its copy, as PEFT adapts only the
+    modules it names. The outputs are the adapter's up to the rounding of
+    ``W + (R - W)``: a head's bias is kept (PEFT's own trainable tokens drop
+    it), and PEFT scales an embedding's update by its ``embed_scale`` as it
+    scales the rows. Works from the :class:`AdapterState` API alone
+    (``touched_rows``, ``adapt_rows``), so for any row-replacing method. The
+    factors are k x vocabulary, on disk and in PEFT's memory.
+    """
+    if name in merged:
+        raise AdapterStateError(
+            f"adapter {name!r} is merged into the base weights; unmerge_adapter() first, so its rows can be "
+            "told from the base ones. Nothing was written."
+        )
+    modules = dict(named_base_modules(model))
+    targets: list[str] = []
+    tensors: dict[str, torch.Tensor] = {}
+    rank = None
+    for site in record.sites:
+        state = site.state
+        ids = state.touched_rows()
+        if state.additive or ids is None:
+            raise AdapterStateError(
+                f"adapter {name!r} ({record.config.method}) changes every row of {site.modules[0]}.weight, "
+                "not chosen rows; only row-replacing adapters (trainable tokens) have this LoRA form. "
+                "Nothing was written."
+            )
+        weight = site.weight(model)
+        with torch.no_grad():
+            base_rows = weight.detach()[ids].float()
+            deltas = state.adapt_rows(ids, base_rows).float() - base_rows  # k x width
+            selector = torch.zeros(len(ids), weight.shape[0], dtype=torch.float32, device=weight.device)
+            selector[torch.arange(len(ids), device=weight.device), ids] = 1.0  # k x vocabulary
+        if rank is not None and rank != len(ids):
+            raise AdapterStateError(
+                f"adapter {name!r} replaces {rank} rows of one weight and {len(ids)} of another; a PEFT LoRA "
+                "has one rank. Nothing was written."
+            )
+        rank = len(ids)
+        for module_name in site.modules:
+            module = modules[module_name]
+            if isinstance(module, nn.Embedding):
+                tensors[f"{module_name}.lora_embedding_A"] = selector.clone()
+                tensors[f"{module_name}.lora_embedding_B"] = deltas.T.contiguous()
+            elif isinstance(module, nn.Linear):
+                tensors[f"{module_name}.lora_A.weight"] = deltas.clone()
+                tensors[f"{module_name}.lora_B.weight"] = selector.T.contiguous()
+            else:
+                raise AdapterStateError(
+                    f"{module_name} is a {type(module).__name__}; the LoRA form covers nn.Embedding and "
+                    "nn.Linear. Nothing was written."
+                )
+            targets.append(module_name)
+    if rank is None:
+        raise AdapterStateError(f"adapter {name!r} adapts no weight; there is nothing to write")
+    return lora_config(rank, rank, targets), tensors  # lora_alpha = r: scaling 1
+
+
+def _with_base_fields(model: nn.Module, peft_config: dict[str, Any]) -> dict[str, Any]:
+    """``peft_config`` with the fields PEFT writes about the base model and the mode."""
+    base_name = getattr(model, "name_or_path", None) or None
+    return {
+        "task_type": None,
+        "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
+        "revision": None,
+        "inference_mode": True,
+        **peft_config,
+    }
+
+
+def save_rows_as_lora(
+    model: nn.Module,
+    records: Mapping[str, AdapterRecord],
+    merged: list[str],
+    directory: str | os.PathLike[str],
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> None:
+    """Write one trainable-tokens adapter as a PEFT LoRA folder (:func:`rows_as_lora`), all-or-nothing.
+
+    The folder is ``directory`` for ``"default"``, else ``directory/<name>``,
+    as PEFT's layout has it; ``peft.PeftModel.from_pretrained`` loads it with
+    the adapter's outputs (LoRA on the embedding and on every module sharing
+    its weight), and so does :meth:`AdapterModel.from_pretrained`, as LoRA on
+    the embedding.
+    """
+    if adapter_name not in records:
+        raise AdapterStateError(f"unknown adapter {adapter_name!r}; the model has {list(records)}")
+    root = Path(directory)
+    if manifest.exists(root):
+        raise ConfigError(
+            f"{root} holds a tt-adapters save (manifest.json); save the PEFT folder elsewhere. Nothing was "
+            "written."
+        )
+    peft_config, tensors = rows_as_lora(model, adapter_name, records[adapter_name], merged)
+    config = _with_base_fields(model, peft_config)
+    weights = {KEY_PREFIX + key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}
+    folder = root if adapter_name == DEFAULT_ADAPTER else root / adapter_name
+    weight_bytes = safetensors.torch.save(weights, metadata={"format": "pt"})
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / WEIGHTS_FILE, weight_bytes)
+    _write_atomically(folder / CONFIG_FILE, config_bytes)
 
 
 # ------------------------------------------------------------------------ read

@@ -1,4 +1,4 @@
-"""What ``transformers.Trainer``, DDP and FSDP2 call on an :class:`~tt_core.AdapterModel`, answered.
+"""The Trainer format: ``state_dict`` keys and extra state, the folder ``Trainer.save_model()`` writes.
 
 ``Trainer`` treats a model that is neither a ``PreTrainedModel`` nor a
 ``PeftModel`` as a plain ``nn.Module``: a checkpoint (and ``save_model()``) is
@@ -16,8 +16,10 @@ parameters), and a folder ``save_model()`` wrote describes itself:
 Under DDP, the adapters' non-persistent buffers (token ids and the id-to-row
 table, rebuilt by every rank from the config) are named in
 :func:`ddp_ignored_names`, so DDP does not broadcast a vocabulary-sized table
-every step. Under FSDP2, :func:`whole_adapter_tensors` gathers sharded adapter
-tensors so rank 0 can save whole rows.
+every step. (Under FSDP2, :func:`tt_core.tensors.distributed.whole_adapter_tensors`
+gathers sharded adapter tensors so rank 0 can save whole rows.) The functions
+take the model and its adapter records; :class:`~tt_core.AdapterModel` answers
+Trainer, DDP and FSDP2 through them.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -89,6 +90,14 @@ class AdapterState(nn.Module):
     #: docstring), instead of calling :meth:`project`. False (the default):
     #: :meth:`project` is always called.
     head_replaces_rows: ClassVar[bool] = False
+
+    #: Opt-in. True: the state may also adapt transformers' ``Conv1D`` (GPT-2's attention and
+    #: MLP layers), a linear layer whose weight is stored transposed, (in_features,
+    #: out_features). Its :meth:`project` gets ``output = hidden @ W + bias`` as for any linear
+    #: layer, but ``merge_into`` gets that transposed weight, and the core's row-based paths
+    #: (:attr:`head_replaces_rows`) do not apply, so such a state must not declare it.
+    #: False (the default): the core refuses to put the state on a ``Conv1D``.
+    adapts_conv1d: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,6 +189,17 @@ class AdapterState(nn.Module):
         if mine is None or theirs is None:
             return False
         return not bool(torch.isin(mine, theirs.to(mine.device)).any())
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, weight (in, out)).
+
+    Read from ``sys.modules``: without transformers imported no such module can exist, and
+    tt_core does not import transformers for this.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def embedding_scale(base_layer: nn.Module) -> torch.Tensor | float | None:

@@ -12,11 +12,11 @@ from tt_core.api.errors import ConfigError
 from tt_core.tensors.folded import FoldedStack, stamp
 from tt_core.tensors.kernels import add_low_rank, replace_columns
 from tt_core.tensors.per_sample import apply_plan
-from tt_core.tensors.state import AdapterState, AppliedAdapters
+from tt_core.tensors.state import AdapterState, AppliedAdapters, is_conv1d
 
 
 class AdapterLayer(nn.Module):
-    """Wraps one base module (``nn.Embedding`` or ``nn.Linear``) and applies a stack of adapters.
+    """Wraps one base module (``nn.Embedding``, ``nn.Linear`` or ``Conv1D``) and applies a stack of adapters.
 
     ``active_adapters`` is the stack, in order; adapters merged into the base
     weight are skipped, since the base module already applies them.
@@ -57,16 +57,25 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         #: Set by tt_core.serving.serving for the length of an ``adapter_names=`` call.
         self.sample_plan: Any = None
-        #: The stack folded for calls without a gradient (tt_core/folded.py); dropped by train()/eval().
+        #: The stack folded for calls without a gradient (folded.py); dropped by train()/eval().
         self.folded: FoldedStack | None = None
 
     @staticmethod
-    def check_wrappable(name: str, base_layer: nn.Module) -> None:
-        """Raise unless ``base_layer`` is a module kind the wrapper knows how to adapt."""
+    def check_wrappable(name: str, base_layer: nn.Module, state: AdapterState | None = None) -> None:
+        """Raise unless ``base_layer`` is a module kind the wrapper (and ``state``, if given) can adapt."""
+        if is_conv1d(base_layer):
+            if state is not None and (not state.adapts_conv1d or state.head_replaces_rows):
+                raise ConfigError(
+                    f"{name} is a transformers Conv1D (a linear layer storing its weight transposed), "
+                    f"which {type(state).__name__} does not adapt; target nn.Embedding or nn.Linear "
+                    "modules with it"
+                )
+            return
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
             raise ConfigError(
-                f"{name} is a {type(base_layer).__name__}; tt-adapters wraps nn.Embedding and nn.Linear "
-                "modules only. Target the token embedding (or a head tied to it)."
+                f"{name} is a {type(base_layer).__name__}; tt-adapters wraps nn.Embedding, nn.Linear and "
+                "transformers' Conv1D modules only. Target the token embedding (or a head tied to it), "
+                "or a linear layer with a method that adapts them (lora_linear)."
             )
 
     @property
@@ -110,7 +119,7 @@ class AdapterLayer(nn.Module):
         return super().train(mode)
 
     def _folded_stack(self, x: torch.Tensor, states: list[AdapterState]) -> FoldedStack | None:
-        """The stack folded for a call without a gradient (tt_core/folded.py), built if the weights changed.
+        """The stack folded for a call without a gradient (folded.py), built if the weights changed.
 
         None where it cannot be folded: an adapter opts in to neither a
         low-rank weight nor row replacement, an embedding renormalises rows

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import ClassVar
 
 from tt_core import AdapterConfig
 from tt_core.api.config import check_target_modules
-from tt_core.api.errors import ConfigError
+from tt_plugins import lora_options
 
 
 @dataclasses.dataclass
@@ -36,23 +34,7 @@ class LoraEmbeddingConfig(AdapterConfig):
     adapt_tied_modules: bool = True
 
     def __post_init__(self) -> None:
-        # bool is an int to Python, but r=True is certainly a mistake.
-        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
-            raise ConfigError(f"r={self.r!r} is not a valid LoRA rank; give a whole number >= 1, e.g. r=8")
-        self.r = int(self.r)
-        alpha = self.lora_alpha
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, numbers.Real)
-            or not math.isfinite(alpha)
-            or alpha <= 0
-        ):
-            raise ConfigError(
-                f"lora_alpha={alpha!r} is not valid; give a positive number, e.g. lora_alpha={2 * self.r} "
-                "(the update is scaled by lora_alpha / r)"
-            )
-        # plain Python numbers, so adapter_config.json can hold them (numpy scalars cannot)
-        self.lora_alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
+        self.r, self.lora_alpha = lora_options.rank_and_alpha(self.r, self.lora_alpha)
         self.target_modules = check_target_modules(self.target_modules)
 
     @property

@@ -16,6 +16,7 @@ from tt_core import MethodRegister, hookimpl
 from tt_core.api import peft_hooks
 from tt_core.api.errors import ConfigError
 from tt_core.tensors.targets import find_tied_modules, input_embedding_name, named_base_modules
+from tt_plugins import lora_options
 from tt_plugins.lora_embedding.config import LoraEmbeddingConfig
 from tt_plugins.lora_embedding.layer import LoraEmbeddingLayer
 
@@ -119,23 +120,7 @@ def peft_export(
                     f"{name} is a {type(module).__name__}; PEFT's LoRA form covers nn.Embedding and nn.Linear"
                 )
             targets.append(name)
-    peft_config = {
-        "peft_type": "LORA",
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "target_modules": targets,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    return peft_config, tensors
+    return peft_hooks.lora_config(config.r, config.lora_alpha, targets), tensors
 
 
 def _factors(tensors: dict[str, torch.Tensor], r: int) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
@@ -243,26 +228,10 @@ def _shared_form(
 def peft_import(
     peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None
 ) -> tuple[LoraEmbeddingConfig, dict[str, torch.Tensor]] | None:
-    if peft_config.get("peft_type") != "LORA":
+    if peft_config.get("peft_type") != "LORA" or lora_options.on_linear_layers(tensors, model):
         return None
     peft_hooks.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
-    bias = peft_config.get("bias", "none")
-    if bias != "none":
-        raise ConfigError(
-            f"PEFT option bias={bias!r} trains biases of the base model, which tt-adapters never changes"
-        )
-    init = peft_config.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        raise ConfigError(
-            f"PEFT option init_lora_weights={init!r} is not one tt-adapters can vouch for: initialisations "
-            "such as PiSSA, OLoRA, LoftQ or CorDA change the base weights when PEFT loads the adapter, "
-            "which tt-adapters never does"
-        )
-    r, alpha = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(f"PEFT option r={r!r} is not a rank")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ConfigError(f"PEFT option lora_alpha={alpha!r} is not a number")
+    r, alpha, _ = lora_options.peft_numbers(peft_config)
     if peft_config.get("use_rslora"):
         alpha = alpha * math.sqrt(r)  # PEFT scales by alpha / sqrt(r); this plugin by alpha / r
     factors = _factors(tensors, r)

@@ -1,0 +1,263 @@
+"""LoRA on linear layers as a tt_core plugin (entry point ``lora_linear``).
+
+``detect_target`` resolves PEFT's ``target_modules`` (names, a regular
+expression, ``"all-linear"``) to linear layers; ties are declined, as PEFT's
+LoRA adapts only the modules it names; merging is the state's own. PEFT's
+LORA type on linear layers maps onto it (see docs/peft.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from tt_core import MethodRegister, hookimpl
+from tt_core.api import peft_hooks
+from tt_core.api.errors import ConfigError
+from tt_core.tensors.state import is_conv1d
+from tt_core.tensors.targets import named_base_modules, resolve_targets
+from tt_core.tensors.wrapper import AdapterLayer
+from tt_plugins import lora_options
+from tt_plugins.lora_linear.config import ALL_LINEAR, LoraLinearConfig
+from tt_plugins.lora_linear.layer import LoraLinearLayer
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The module ``get_output_embeddings()`` returns (unwrapped), which ``all-linear`` leaves out."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head.base_layer if isinstance(head, AdapterLayer) else head
+
+
+@hookimpl
+def register_methods(register: MethodRegister) -> None:
+    register(LoraLinearConfig)
+
+
+@hookimpl
+def detect_target(model: nn.Module, config: LoraLinearConfig) -> list[str]:
+    modules = dict(named_base_modules(model))
+    if config.target_modules == ALL_LINEAR:
+        head = _output_head(model)
+        seen: set[int] = set()
+        names = []
+        for name, module in modules.items():
+            if name and _is_linear(module) and module is not head and id(module) not in seen:
+                seen.add(id(module))
+                names.append(name)
+        if not names:
+            raise ConfigError(
+                f"target_modules='all-linear' found no linear layer (nn.Linear, Conv1D) in "
+                f"{type(model).__name__} besides its output head"
+            )
+        return names
+    names = resolve_targets(model, config.target_modules)
+    others = [f"{name} ({type(modules[name]).__name__})" for name in names if not _is_linear(modules[name])]
+    if others:
+        raise ConfigError(
+            f"target_modules={config.target_modules!r} selects {others}, which are not linear layers; "
+            "LoRA on linear layers adapts nn.Linear and transformers' Conv1D (use LoraEmbeddingConfig for "
+            "an nn.Embedding). Name the projections themselves, e.g. ['q_proj', 'v_proj']"
+        )
+    return names
+
+
+@hookimpl
+def create_layer(
+    config: LoraLinearConfig, adapter_name: str, target_name: str, base_layer: nn.Module
+) -> LoraLinearLayer:
+    weight = getattr(base_layer, "weight", None)
+    if isinstance(base_layer, nn.Linear) and isinstance(weight, torch.Tensor):
+        in_features, out_features, fan_in_fan_out = base_layer.in_features, base_layer.out_features, False
+    elif is_conv1d(base_layer) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        (in_features, out_features), fan_in_fan_out = weight.shape, True
+    else:
+        raise ConfigError(
+            f"LoRA on linear layers cannot adapt {target_name} ({type(base_layer).__name__}): it adapts "
+            "nn.Linear and transformers' Conv1D (use LoraEmbeddingConfig for an nn.Embedding)"
+        )
+    if config.fan_in_fan_out != fan_in_fan_out:
+        # PEFT does the same. One message per layer kind, so Python's warning filter shows it once.
+        warnings.warn(
+            f"fan_in_fan_out={config.fan_in_fan_out}, but a {type(base_layer).__name__} stores its weight "
+            f"{'(in, out)' if fan_in_fan_out else '(out, in)'}; using fan_in_fan_out={fan_in_fan_out} for "
+            "such layers",
+            stacklevel=2,
+        )
+    return LoraLinearLayer(
+        in_features,
+        out_features,
+        config.r,
+        config.scaling,
+        dropout=config.lora_dropout,
+        init_lora_weights=config.init_lora_weights,
+        fan_in_fan_out=fan_in_fan_out,
+        device=weight.device,
+    )
+
+
+@hookimpl
+def tie_handler(
+    model: nn.Module, config: LoraLinearConfig, target_name: str, base_layer: nn.Module
+) -> list[str]:
+    # PEFT's LoRA adapts the modules it names only; a head tied to the embedding keeps its own factors
+    # (and such an adapter cannot be merged, since the embedding shares the weight).
+    return []
+
+
+# ------------------------------------------------------------------ PEFT's LORA
+# PEFT's lora.Linear holds lora_A.weight (r, in) and lora_B.weight (out, r) and adds
+# scaling * lora_B(lora_A(dropout(x))) to the base output: this state's lora_A and lora_B, same layout,
+# for nn.Linear and Conv1D alike (PEFT reads a Conv1D's in and out from its transposed weight).
+
+_HANDLED = {
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",
+    "bias",
+    "fan_in_fan_out",
+    # Which modules PEFT targets: the folder's tensors say which it adapted.
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "ensure_weight_tying",
+    # Settings of options that are off, or of initialisations refused below.
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "runtime_config",
+}
+_REASONS = {
+    "use_dora": "DoRA rescales the weight's columns by a learned magnitude, which this LoRA does not hold",
+    "lora_bias": "a bias on LoRA's B factor is not supported",
+    "rank_pattern": "ranks that differ by module are not supported; give every module rank r",
+    "alpha_pattern": "alphas that differ by module are not supported; give every module lora_alpha",
+    "layer_replication": "it duplicates layers of the base model",
+    "target_parameters": "it adapts bare parameters (such as MoE experts), not linear layers",
+    "alora_invocation_tokens": "activated LoRA applies the update from invocation tokens on, not everywhere",
+    "use_qalora": "QA-LoRA pools the input of quantized layers",
+    "megatron_config": "Megatron's parallel layers are not supported",
+    "trainable_token_indices": "it should have been split off as a trainable-tokens adapter",
+}
+_FACTORS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+
+
+def _factors(tensors: dict[str, torch.Tensor], r: int) -> dict[str, dict[str, torch.Tensor]]:
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        for suffix, slot in _FACTORS.items():
+            if key.endswith("." + suffix):
+                found.setdefault(key[: -len(suffix) - 1], {})[slot] = tensor
+                break
+        else:
+            raise ConfigError(
+                f"the folder holds {key!r}, which is not a LoRA factor of a linear layer "
+                "(lora_A.weight, lora_B.weight)"
+            )
+    for module, pair in found.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ConfigError(f"the folder holds only one of the two LoRA factors of {module}")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise ConfigError(
+                f"the LoRA factors of {module} have shapes {tuple(a.shape)} and {tuple(b.shape)}, which do "
+                f"not have rank r={r} (rank_pattern is not supported)"
+            )
+    return found
+
+
+def _check_modules(factors: dict[str, dict[str, torch.Tensor]], model: nn.Module) -> bool:
+    """Every module is a linear layer of the factors' shapes; returns whether all are Conv1D."""
+    modules = dict(named_base_modules(model))
+    kinds = []
+    for name, pair in factors.items():
+        module = modules.get(name)
+        if module is None:
+            raise ConfigError(f"the folder holds LoRA on {name}, which this model does not have")
+        if not _is_linear(module):
+            raise ConfigError(
+                f"the folder holds LoRA on linear layers for {name}, which is a {type(module).__name__} here"
+            )
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        in_out = tuple(weight.shape) if is_conv1d(module) else tuple(weight.shape[::-1])
+        shapes = (pair["lora_A"].shape[1], pair["lora_B"].shape[0])
+        if shapes != in_out:
+            raise ConfigError(
+                f"the LoRA factors of {name} are for {shapes[0]} inputs and {shapes[1]} outputs, but this "
+                f"model's {name} has {in_out[0]} and {in_out[1]}: it was trained on another model"
+            )
+        kinds.append(is_conv1d(module))
+    return all(kinds)
+
+
+@hookimpl
+def peft_import(
+    peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None
+) -> tuple[LoraLinearConfig, dict[str, torch.Tensor]] | None:
+    if peft_config.get("peft_type") != "LORA" or not lora_options.on_linear_layers(tensors, model):
+        return None
+    peft_hooks.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
+    r, alpha, init = lora_options.peft_numbers(peft_config)
+    factors = _factors(tensors, r)
+    fan_in_fan_out = bool(peft_config.get("fan_in_fan_out", False))
+    if model is not None:
+        fan_in_fan_out = _check_modules(factors, model)
+    targets = sorted(factors)
+    config = LoraLinearConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        lora_dropout=peft_config.get("lora_dropout", 0.0) or 0.0,
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+        fan_in_fan_out=fan_in_fan_out,
+        init_lora_weights=init,
+    )
+    native = {}
+    for name in targets:
+        native[f"{name}.lora_A"] = factors[name]["lora_A"].contiguous()
+        native[f"{name}.lora_B"] = factors[name]["lora_B"].contiguous()
+    return config, native
+
+
+@hookimpl
+def peft_export(
+    model: nn.Module, config: LoraLinearConfig, sites: list[tuple[list[str], dict[str, torch.Tensor]]]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    modules = dict(named_base_modules(model))
+    targets: list[str] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for names, state in sites:
+        name = names[0]  # ties are declined: one module per state
+        tensors[f"{name}.lora_A.weight"] = state["lora_A"].clone()
+        tensors[f"{name}.lora_B.weight"] = state["lora_B"].clone()
+        targets.append(name)
+    peft_config = {
+        "peft_type": "LORA",
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(targets),
+        "lora_dropout": config.lora_dropout,
+        "bias": "none",
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": all(is_conv1d(modules[name]) for name in targets),
+        "init_lora_weights": config.init_lora_weights,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return peft_config, tensors
