@@ -98,6 +98,16 @@ def test_an_upward_import_breaks_a_contract(tmp_path, module, line, contract, ch
         assert contract in result.stdout
 
 
+def test_an_import_cycle_breaks_a_contract(tmp_path):
+    tree = _copy(tmp_path)
+    # the cycle this layout removed: tokens.py importing the config that imports it
+    _append(tree / "tt_plugins/trainable_tokens/tokens.py", "import tt_plugins.trainable_tokens.config")
+    result = _lint(tree)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no import cycle among the modules of any package BROKEN" in result.stdout
+    assert ".tokens -> .config" in result.stdout
+
+
 def test_an_import_for_type_checking_only_is_not_counted(tmp_path):
     tree = _copy(tmp_path)
     _append(
