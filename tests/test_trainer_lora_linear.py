@@ -194,3 +194,66 @@ def test_save_model_writes_a_folder_from_pretrained_loads_with_equal_outputs(tmp
         torch.testing.assert_close(
             loaded(input_ids=inputs).logits, adapter_model(input_ids=inputs).logits, rtol=0, atol=0
         )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, kind):
+    """The LoRA runs inside the checkpointed decoder layer; its recomputation (dropout masks included,
+    from the RNG state checkpointing saves) gives the gradients of the plain run. Recorded at the second
+    step: at the first, B is still zero and gives A no gradient."""
+    seen = {}
+
+    class RecordGradients(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            layers = model.model.model.layers
+            seen[args.gradient_checkpointing] = (
+                [layer.gradient_checkpointing for layer in layers],
+                {name: p.grad.clone() for name, p in _trainable(model).items()},
+            )
+
+    for checkpointing in (False, True):
+        trainer = transformers.Trainer(
+            model=_adapter_model(kind, False, tmp_path),
+            args=_args(tmp_path / str(checkpointing), max_steps=2, gradient_checkpointing=checkpointing),
+            train_dataset=_Sentences(),
+            callbacks=[RecordGradients()],
+        )
+        trainer.train()
+    assert seen[True][0] == [True] and seen[False][0] == [False]  # it really checkpointed
+    plain, checkpointed = seen[False][1], seen[True][1]
+    assert list(plain) == list(checkpointed)
+    for name in plain:
+        assert plain[name].abs().sum() > 0, name
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapters(tmp_path):
+    adapter_model = _adapter_model("combined", False, tmp_path)
+    scores = iter([1.0, 3.0, 2.0])  # the second evaluation (step 4) is the best
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+
+    class RecordAdapters(transformers.TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saved[state.global_step] = {n: p.detach().clone() for n, p in _trainable(adapter_model).items()}
+
+    trainer = transformers.Trainer(
+        model=adapter_model,
+        args=_args(
+            tmp_path,
+            save_steps=2,
+            eval_strategy="steps",
+            eval_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="score",
+            greater_is_better=True,
+        ),
+        train_dataset=_Sentences(),
+        eval_dataset=_Sentences(4, seed=1),
+        compute_metrics=lambda prediction: {"score": next(scores)},
+        callbacks=[RecordAdapters()],
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-4")
+    now = _trainable(adapter_model)
+    assert any(not torch.equal(saved[4][name], saved[6][name]) for name in now)
+    assert all(torch.equal(now[name].detach(), saved[4][name]) for name in now)
