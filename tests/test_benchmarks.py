@@ -207,3 +207,25 @@ def test_the_stack_setups_run_on_a_tiny_shape(ttbench, tmp_path, capsys):
     assert "lora2: " in printed  # stack4 over the same stack less its tokens
     assert list(result["inference_paired"]) == stacks
     assert all(len(entry["cpu_ratios"]) >= 5 for entry in result["inference_paired"].values())
+
+
+def test_the_linear_setups_run_beside_peft_on_a_tiny_shape(ttbench, tmp_path, capsys):
+    """``--setups linear``: LoRA on every projection with tt-adapters and with PEFT, side by side."""
+    cli, _ = ttbench
+    out = tmp_path / "linear.json"
+    argv = ["--shapes", SHAPES[1], "--setups", "linear", "--repeats", "2", "--infer-seconds", "0.05"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (result,) = json.loads(out.read_text())["results"]
+    assert list(result["setups"]) == ["floor", "lora_linear", "peft_lora_linear"]
+    assert list(result["inference"]) == ["base", "lora_linear", "peft_lora_linear"]
+    ours, theirs = result["setups"]["lora_linear"], result["setups"]["peft_lora_linear"]
+    assert ours["versus"] == "peft_lora_linear" and "versus" not in theirs
+    # The same projections at the same rank: the same trainable bytes, and the checkpoints hold just those.
+    assert ours["trainable_bytes"] == theirs["trainable_bytes"] > 0
+    assert ours["checkpoint_data_bytes"] == theirs["checkpoint_data_bytes"] == ours["trainable_bytes"]
+    assert f"{SHAPES[1]}: train tt/floor -, peft/floor -, lora_linear/peft_lora_linear " in printed
+    (row,) = [line for line in printed.splitlines() if line.startswith(f"| {SHAPES[1]} | lora_linear / ")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert len(cells) == 11 and all(cell not in {"", "-"} for cell in cells)
+    assert float(cells[2]) > 0 and float(cells[6]) > 0 and float(cells[9]) > 0

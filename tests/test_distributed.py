@@ -198,6 +198,43 @@ def test_fsdp2_save_pretrained_gathers_whole_rows_for_one_process(worker, model)
     assert saved["logits_diff_from_reference"] < 1e-5
 
 
+# ------------------------------------------- LoRA on linear layers, with token rows
+# PEFT's combined adapter as tt-adapters holds it: LoraLinearConfig(target_modules="all-linear") and
+# trainable tokens, stacked; the worker trains it like the rows above (tests/support/distributed_worker.py).
+@pytest.mark.parametrize("model", ["lora_untied", "lora_tied"])
+def test_ddp_trains_lora_on_linear_layers_and_rows_like_one_process_sending_their_gradients_only(
+    worker, model
+):
+    ddp, sizes = worker[model]["ddp"], worker[model]["sizes"]
+    assert sizes["tensors"] == 15  # lora_A and lora_B of 7 projections, and the rows
+    assert ddp["max_diff"] < 1e-6
+    assert ddp["bucket_bytes"] == [sizes["adapter_gradient"]] * 3  # one bucket a step: every factor and row
+    for rank in worker["written_by_rank"]:
+        for sent in rank[f"{model}.ddp"]:
+            assert (
+                sizes["adapter_gradient"]
+                <= sent
+                < sizes["adapter_gradient"] + ddp["buffers_broadcast"] + FRAMING
+            )
+
+
+@pytest.mark.parametrize("model", ["lora_untied", "lora_tied"])
+def test_fsdp2_shards_the_lora_factors_trains_like_ddp_merges_and_saves(worker, model):
+    fsdp = worker[model]["fsdp"]
+    assert fsdp["lora_A"] == "DTensor" and fsdp["lora_A_local_rows"] == 4 // 2  # rank r = 4, 2 ranks
+    assert fsdp["max_diff"] < 1e-6
+    assert fsdp["max_diff_from_ddp"] < 1e-6
+    merge = fsdp["merge"]
+    assert "error" not in merge, merge.get("error")
+    assert merge["delta_in_weight"] < 1e-6  # scaling * B @ A is in the sharded weight after a reshard
+    assert merge["logits_diff"] < 1e-5 and merge["logits_diff_after_reshard"] < 1e-5
+    assert merge["unmerge_diff"] < 1e-6
+    saved = fsdp["saved"]
+    assert "error" not in saved, saved.get("error")
+    assert saved["active"] == ["default", "default_tokens"] and saved["tensors_equal"]
+    assert saved["logits_diff_from_reference"] < 1e-5
+
+
 # ------------------------------------------------------------- the example
 @pytest.fixture(scope="module")
 def example(launched: dict[str, Any]) -> dict[str, Any]:

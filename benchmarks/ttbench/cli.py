@@ -16,7 +16,7 @@ import transformers
 
 from ttbench import report as reporting
 from ttbench.measure import bench_shape, quiet, rss_and_peak, rss_worker
-from ttbench.setups import REFERENCE, STACK_SETUPS, setup_names
+from ttbench.setups import LINEAR_SETUPS, REFERENCE, STACK_SETUPS, setup_names
 from ttbench.shapes import FULL_SHAPES, QUICK_SHAPES, Shape
 
 DESCRIPTION = (
@@ -26,7 +26,7 @@ DEFAULT_SETUPS = ["tt", "peft"]
 
 
 #: Names --setups expands to a group of setups.
-SETUP_GROUPS = {"stacks": STACK_SETUPS}
+SETUP_GROUPS = {"stacks": STACK_SETUPS, "linear": LINEAR_SETUPS}
 
 
 def _setup_list(text: str) -> list[str]:
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_SETUPS,
         help=f"comma-separated setups to compare with the floor, which always runs (default "
         f"{','.join(DEFAULT_SETUPS)}; known: {', '.join(setup_names())}; 'stacks' means "
-        f"{','.join(STACK_SETUPS)})",
+        f"{','.join(STACK_SETUPS)}; 'linear' means {','.join(LINEAR_SETUPS)})",
     )
     parser.add_argument(
         "--repeats", type=int, help="timed training rounds per shape, after a warm-up (default 3, quick 2)"

@@ -202,6 +202,8 @@ def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> di
         }
         if setup.without_tokens is not None:
             result["setups"][name]["without_tokens"] = setup.without_tokens
+        if setup.versus is not None:
+            result["setups"][name]["versus"] = setup.versus
 
     # Training. The first step of each setup is its warm-up and its memory
     # measurement (it creates the gradients and the optimizer state).

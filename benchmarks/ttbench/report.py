@@ -44,9 +44,14 @@ def _others(groups: Iterable[Iterable[str]], known: tuple[str, ...]) -> list[str
 
 
 def train_ratios(result: dict[str, Any]) -> str:
-    """The one-line summary printed after each shape."""
+    """The one-line summary printed after each shape (and each setup over its PEFT twin, where both ran)."""
     t = {name: v["train"]["median_s"] for name, v in result["setups"].items()}
-    return f"train tt/floor {_ratio(t.get('tt'), t['floor'])}, peft/floor {_ratio(t.get('peft'), t['floor'])}"
+    line = f"train tt/floor {_ratio(t.get('tt'), t['floor'])}, peft/floor {_ratio(t.get('peft'), t['floor'])}"
+    for name, entry in result["setups"].items():
+        twin = entry.get("versus")
+        if twin in t:
+            line += f", {name}/{twin} {_ratio(t[name], t[twin])}"
+    return line
 
 
 def _train_table(results: list[dict[str, Any]]) -> list[str]:
@@ -211,6 +216,59 @@ def _stack_table(results: list[dict[str, Any]]) -> list[str]:
     return _table(title, head, rows)
 
 
+def _versus_table(results: list[dict[str, Any]]) -> list[str]:
+    """Each setup beside its twin (``versus``: the same adapter built with PEFT), where both ran.
+
+    Ratios are the setup's over its twin's: train step (wall median, process
+    CPU per-round median and fastest over fastest), training memory, unmerged
+    inference (CPU median), checkpoint weight bytes.
+    """
+    rows = []
+    for r in results:
+        setups, inference = r["setups"], r.get("inference", {})
+        for name, entry in setups.items():
+            twin = entry.get("versus")
+            if twin not in setups:
+                continue
+            other = setups[twin]
+            train, twin_train = entry["train"], other["train"]
+            row = [r["shape"], f"{name} / {twin}", _ratio(train["median_s"], twin_train["median_s"])]
+            cpu = _round_ratios(train, twin_train, "cpu_s")
+            row += [f"{statistics.median(cpu):.3f}", _fastest(train, twin_train, "cpu_s")]
+            row += [f"{_mib(entry['memory_bytes'])} / {_mib(other['memory_bytes'])}"]
+            row += [_ratio(entry["memory_bytes"], other["memory_bytes"])]
+            row += [f"{_mib(entry['trainable_bytes'])} / {_mib(other['trainable_bytes'])}"]
+            if name in inference and twin in inference:
+                base = inference["base"]["median_cpu_s"]
+                mine, theirs = inference[name]["median_cpu_s"], inference[twin]["median_cpu_s"]
+                row += [f"{_ratio(mine, base)} / {_ratio(theirs, base)}", _ratio(mine, theirs)]
+            else:
+                row += ["-", "-"]
+            sizes = [entry.get("checkpoint_bytes"), other.get("checkpoint_bytes")]
+            row += [" / ".join("-" if size is None else str(size) for size in sizes)]
+            rows.append(row)
+    if not rows:
+        return []
+    head = [
+        "shape",
+        "setup / PEFT's",
+        "train wall median",
+        "train CPU per-round median",
+        "train CPU min/min",
+        "memory MiB",
+        "memory",
+        "trainable MiB",
+        "inference/base CPU",
+        "inference CPU",
+        "checkpoint bytes",
+    ]
+    title = (
+        "Side by side with PEFT (the setup over PEFT's doing the same, measured in the same rounds; "
+        "memory: adapter tensors + peak of the first step)"
+    )
+    return _table(title, head, rows)
+
+
 def _profile_lines(results: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for r in results:
@@ -237,6 +295,7 @@ def report(results: list[dict[str, Any]]) -> str:
     lines += _inference_table(results)
     lines += _checkpoint_table(results)
     lines += _stack_table(results)
+    lines += _versus_table(results)
     lines += _profile_lines(results)
     return "\n".join(lines)
 

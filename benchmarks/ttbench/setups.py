@@ -41,6 +41,8 @@ class Setup:
     for inference, per step for training.
     ``without_tokens``: for a stack, the setup holding the same stack less its
     trainable-tokens adapters (the stack table gives the ratio of the two).
+    ``versus``: the setup that does the same with PEFT (the side-by-side table
+    gives the ratios of the two, when both ran).
     """
 
     name: str
@@ -51,6 +53,7 @@ class Setup:
     infer: bool = False
     extra_inputs: Callable[[torch.Tensor], dict[str, Any]] | None = None
     without_tokens: str | None = None  # the setup that is this one less its trainable tokens
+    versus: str | None = None  # the setup doing the same with another library (PEFT), side by side
 
     def __post_init__(self) -> None:
         if not self.trainable or not all(p.requires_grad for p in self.trainable):
@@ -216,6 +219,51 @@ def peft_lora_setup(model: nn.Module, shape: Shape) -> Setup:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     return Setup(
         "peft_lora",
+        peft_model,
+        trainable,
+        lambda path: peft_model.save_pretrained(str(path)),
+        infer=True,
+    )
+
+
+# ------------------------------------------------------- LoRA on linear layers
+# LoRA of rank LINEAR_RANK on every projection of the decoder layers (PEFT's "all-linear" for Llama,
+# named explicitly so that both libraries adapt exactly these), the base model frozen.
+LINEAR_RANK = 8
+LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: ``--setups linear`` runs these: tt-adapters' LoRA on linear layers beside PEFT's.
+LINEAR_SETUPS = ["lora_linear", "peft_lora_linear"]
+
+
+@register_setup("lora_linear")
+def lora_linear_setup(model: nn.Module, shape: Shape) -> Setup:
+    """tt_core.get_adapter_model with LoraLinearConfig(r=8, lora_alpha=16) on every projection."""
+    from tt_core import get_adapter_model
+    from tt_plugins.lora_linear import LoraLinearConfig
+
+    config = LoraLinearConfig(r=LINEAR_RANK, lora_alpha=2 * LINEAR_RANK, target_modules=LINEAR_TARGETS)
+    adapter_model = get_adapter_model(model, config)
+    trainable = [p for p in adapter_model.parameters() if p.requires_grad]
+    return Setup(
+        "lora_linear",
+        adapter_model,
+        trainable,
+        lambda path: adapter_model.save_pretrained(path),
+        infer=True,
+        versus="peft_lora_linear",
+    )
+
+
+@register_setup("peft_lora_linear")
+def peft_lora_linear_setup(model: nn.Module, shape: Shape) -> Setup:
+    """peft.get_peft_model with peft.LoraConfig(r=8, lora_alpha=16) on the same projections."""
+    import peft
+
+    config = peft.LoraConfig(r=LINEAR_RANK, lora_alpha=2 * LINEAR_RANK, target_modules=LINEAR_TARGETS)
+    peft_model = peft.get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    return Setup(
+        "peft_lora_linear",
         peft_model,
         trainable,
         lambda path: peft_model.save_pretrained(str(path)),
