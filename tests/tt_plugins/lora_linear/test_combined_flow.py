@@ -22,7 +22,7 @@ from numerics import assert_same_math
 from torch import nn
 
 from tt_core import AdapterLayer, AdapterModel, Registry
-from tt_core.per_sample import BASE
+from tt_core.serving import BASE
 from tt_plugins.lora_linear import LoraLinearConfig, LoraLinearLayer
 from tt_plugins.trainable_tokens import TrainableTokensConfig
 
