@@ -151,7 +151,10 @@ def serving(adapters: Adapters, adapter_names: object, batch_size: int | None) -
 def call_with_adapter_names(
     adapters: Callable[[], Adapters], call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """Run ``call`` (forward or generate), per sample when ``adapter_names`` is given (None: active stack)."""
+    """Run ``call`` (forward or generate), per sample when ``adapter_names`` is given (None: active stack).
+
+    ``adapters`` gives the model's adapters as they are now; it is asked only for a per-sample call.
+    """
     if "adapter_names" not in kwargs:
         return call(*args, **kwargs)
     kwargs = dict(kwargs)
