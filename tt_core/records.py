@@ -74,6 +74,3 @@ class AdapterRecord:
         """The adapter's states, one per adapted weight."""
         return [site.state for site in self.sites]
 
-
-#: The records of a model's adapters by name, in the order they were added.
-Records = dict[str, AdapterRecord]
