@@ -73,4 +73,3 @@ class AdapterRecord:
     def states(self) -> list[AdapterState]:
         """The adapter's states, one per adapted weight."""
         return [site.state for site in self.sites]
-
