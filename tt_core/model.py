@@ -497,7 +497,7 @@ class AdapterModel(nn.Module):
             )
         names = self.adapters if selected_adapters is None else _names(selected_adapters, "selected_adapters")
         self._check_known(names)
-        states = [site.state for record in self._records.values() for site in record.sites]
+        states = [state for record in self._records.values() for state in record.states()]
         with whole_adapter_tensors(self, states):  # FSDP2: every rank gathers the rows; one writes
             if is_main_process and format == "peft":
                 peft.save(self.model, self._records, self.active_adapters, save_directory, names)
