@@ -215,7 +215,11 @@ def _join_tokens(
         if tokens_name not in exported:
             continue
         (config, tensors), (tokens_config, token_tensors) = exported[name], exported[tokens_name]
-        if config["peft_type"] != "LORA" or tokens_config["peft_type"] != "TRAINABLE_TOKENS":
+        if (
+            config["peft_type"] != "LORA"
+            or tokens_config["peft_type"] != "TRAINABLE_TOKENS"
+            or not _unset(config.get("trainable_token_indices"))  # the LoRA holds rows of its own
+        ):
             continue
         records = adapter_model._records
         for site in records[name].sites:
@@ -597,34 +601,50 @@ def _convert(
         match = _BASE_COPY.fullmatch(key)
         if match:
             base[match["module"]] = tensors.pop(key)
-    config, tensors, tokens_config, token_rows = _split_tokens(config, tensors, where)
-    parts = [(name, config, tensors)]
-    if tokens_config is not None:
-        parts.append((name + TOKENS_SUFFIX, tokens_config, token_rows))
     if model is not None and base:
         _check_base_copies(base, model, where, strict)
     manager = get_plugin_manager()
+    parts = [(name, config, _import(manager, config, tensors, model, where))]
+    if parts[0][2] is None and not _unset(config.get("trainable_token_indices")):
+        # No plugin reads the token rows with the LoRA (one on an embedding): they become an adapter of
+        # their own, name + TOKENS_SUFFIX.
+        config, tensors, tokens_config, token_rows = _split_tokens(config, tensors, where)
+        parts = [(name, config, _import(manager, config, tensors, model, where))]
+        if tokens_config is not None:
+            tokens = _import(manager, tokens_config, token_rows, model, where)
+            parts.append((name + TOKENS_SUFFIX, tokens_config, tokens))
     converted = {}
-    for part_name, part_config, part_tensors in parts:
-        try:
-            result = manager.hook.peft_import(
-                peft_config=dict(part_config), tensors=dict(part_tensors), model=model
-            )
-        except ValueError as error:
-            raise SavedFolderError(f"{where}: {error}. Nothing was loaded.") from None
+    for part_name, part_config, result in parts:
         if result is None:
             raise SavedFolderError(
                 f"{where}: no installed tt plugin reads PEFT adapters of type {part_config['peft_type']!r} "
                 f"(installed methods: {sorted(manager.methods)}). Nothing was loaded."
             )
         adapter_config, native_tensors = result
-        if not isinstance(adapter_config, AdapterConfig) or not isinstance(native_tensors, dict):
-            raise PluginError(
-                f"the peft_import hook answering for {part_config['peft_type']!r} must return "
-                "(config, tensors)"
-            )
         converted[part_name] = _native(adapter_config, native_tensors, folder, base if model is None else {})
     return converted
+
+
+def _import(
+    manager: PluginManager,
+    peft_config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    model: nn.Module | None,
+    where: str,
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
+    """The peft_import hooks' answer for one PEFT config, or None when no plugin reads it."""
+    try:
+        result = manager.hook.peft_import(peft_config=dict(peft_config), tensors=dict(tensors), model=model)
+    except ValueError as error:
+        raise SavedFolderError(f"{where}: {error}. Nothing was loaded.") from None
+    if result is None:
+        return None
+    adapter_config, native_tensors = result
+    if not isinstance(adapter_config, AdapterConfig) or not isinstance(native_tensors, dict):
+        raise PluginError(
+            f"the peft_import hook answering for {peft_config['peft_type']!r} must return (config, tensors)"
+        )
+    return adapter_config, native_tensors
 
 
 def read(
