@@ -9,8 +9,10 @@ This module holds what any method shares (see docs/peft.md):
   names left out);
 - copies of base weights PEFT saves beside an adapter (``*.base_layer.weight``),
   checked against the model instead of loaded;
-- LoRA's ``trainable_token_indices``, split off as a ``TRAINABLE_TOKENS``
-  adapter of its own (PEFT keeps its rows under ``*.token_adapter.``);
+- LoRA's ``trainable_token_indices`` when no plugin reads the rows with the
+  LoRA (a LoRA on an embedding): split off as a ``TRAINABLE_TOKENS`` adapter
+  of its own (PEFT keeps its rows under ``*.token_adapter.``). The
+  ``lora_linear`` plugin reads and writes them itself, as one adapter;
 - whether a whole stack of adapters can be written so that PEFT computes the
   same outputs.
 
@@ -659,9 +661,10 @@ def read(
     (``"default"`` for the one in the folder itself), activating the
     default one (else all). Otherwise the adapter called ``adapter_name``,
     or the folder's only one, as ``adapter_name``. A LoRA with
-    ``trainable_token_indices`` becomes two adapters, ``<name>`` and
-    ``<name>_tokens``. ``model`` (the model to load onto) lets the plugins
-    check more and pick the closest equivalent; without it, base-weight
+    ``trainable_token_indices`` that no plugin reads whole (one on an
+    embedding) becomes two adapters, ``<name>`` and ``<name>_tokens``.
+    ``model`` (the model to load onto) lets the plugins check more and pick
+    the closest equivalent; without it, base-weight
     copies are recorded as the adapter's base, checked at loading.
     """
     root = Path(path)
@@ -721,7 +724,8 @@ def read_one(path: str | os.PathLike[str], adapter_name: str | None = None) -> s
     converted, _ = read(root, adapter_name or next(iter(found), DEFAULT_ADAPTER))
     if len(converted) != 1:
         raise SavedFolderError(
-            f"the PEFT adapter in {root} is a LoRA with trainable_token_indices, which tt-adapters holds as "
+            f"the PEFT adapter in {root} is a LoRA on an embedding with trainable_token_indices, which "
+            "tt-adapters holds as "
             f"two adapters {sorted(converted)}; load it (AdapterModel.from_pretrained) and publish each "
             "with Registry.publish(adapter_model, name, adapter=...)"
         )
