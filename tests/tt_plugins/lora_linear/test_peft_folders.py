@@ -82,12 +82,25 @@ def test_peft_lora_on_linear_layers_loads_with_equal_outputs(tmp_path, family, t
     assert lora.trainable_token_indices == indices
     assert lora.fan_in_fan_out is (family == "gpt2")
     assert_same_math(logits(loaded, batch(family, IDS)), expected)
-    # load_adapter onto a model holding another adapter: set_adapter of its one name gives PEFT's outputs
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "gpt2"])
+@pytest.mark.parametrize("tokens", ["list", "dict"])
+def test_set_adapter_of_its_one_name_gives_peft_outputs(tmp_path, family, tokens):
+    # What PEFT users do: load the adapter beside another under one name, activate that name.
+    indices = {"list": IDS, "dict": {EMBEDDING[family]: IDS}}[tokens]
+    config = peft.LoraConfig(r=4, target_modules=TARGETS[family], trainable_token_indices=indices)
+    path = peft_trained(family, config, tmp_path / "peft")
+    expected = peft_logits(family, path)
     into = get_adapter_model(build(family), TrainableTokensConfig(token_indices=[9]), adapter_name="other")
     into.load_adapter(path, "mine")
-    assert into.adapters == ["other", "mine"]
     into.set_adapter("mine")
     assert_same_math(logits(into, batch(family, IDS)), expected)
+    with torch.no_grad():  # and per sample: adapter_names=["mine", ...] takes its rows too
+        inputs = batch(family, IDS)
+        names = ["mine"] * len(inputs["input_ids"])
+        assert_same_math(into(**inputs, adapter_names=names).logits, expected)
+    assert into.adapters == ["other", "mine"]
 
 
 def test_token_rows_on_an_untied_head_with_lora_on_attention(tmp_path):
