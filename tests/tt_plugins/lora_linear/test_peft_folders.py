@@ -391,3 +391,18 @@ def test_lora_on_the_embedding_with_rows_on_an_untied_head_is_saved_as_one_peft_
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"lm_head": IDS}
     assert_same_math(peft_logits("llama", tmp_path), expected)
+
+
+def test_a_combined_adapter_beside_a_tokens_adapter_named_like_its_old_half_keeps_its_own_rows(tmp_path):
+    # "<name>_tokens" beside a LoRA that holds rows of its own is not joined into it: two PEFT adapters
+    adapter_model = _ours("llama", "embedding")
+    expected = logits(adapter_model, batch("llama", IDS))
+    adapter_model.add_adapter(
+        "default_tokens", TrainableTokensConfig(token_indices=[9, 11], init_weights=False)
+    )
+    adapter_model.save_pretrained(tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["trainable_token_indices"]) == ("LORA", IDS)
+    tokens = json.loads((tmp_path / "default_tokens" / "adapter_config.json").read_text())
+    assert (tokens["peft_type"], tokens["token_indices"]) == ("TRAINABLE_TOKENS", [9, 11])
+    assert_same_math(peft_logits("llama", tmp_path), expected)
