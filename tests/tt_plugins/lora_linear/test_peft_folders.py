@@ -406,3 +406,22 @@ def test_a_combined_adapter_beside_a_tokens_adapter_named_like_its_old_half_keep
     tokens = json.loads((tmp_path / "default_tokens" / "adapter_config.json").read_text())
     assert (tokens["peft_type"], tokens["token_indices"]) == ("TRAINABLE_TOKENS", [9, 11])
     assert_same_math(peft_logits("llama", tmp_path), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_rows_on_the_embedding_and_the_head_both_ways(tmp_path, family):
+    # untied: each its own ids and rows; tied: the same ids, PEFT ties the head's rows to the embedding's
+    head = IDS if family == "llama_tied" else [9, 11]
+    indices = {"embed_tokens": IDS, "lm_head": head}
+    path = peft_trained(
+        family, peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices), tmp_path
+    )
+    inputs = batch(family, IDS + [9, 11])
+    expected = logits(peft.PeftModel.from_pretrained(build(family), str(path)).eval(), inputs)
+    loaded = AdapterModel.from_pretrained(build(family), path)
+    assert loaded.adapters == ["default"]
+    assert loaded.adapter_configs["default"].trainable_token_indices == indices
+    assert_same_math(logits(loaded, inputs), expected)
+    loaded.save_pretrained(tmp_path / "again", format="peft")
+    again = peft.PeftModel.from_pretrained(build(family), str(tmp_path / "again")).eval()
+    assert_same_math(logits(again, inputs), expected)
