@@ -220,15 +220,15 @@ class ObjectRegistry(Registry):
         if version is None and cached:
             version = cached[-1]
             warnings.warn(
-                f"{error.strerror}; {name} resolves to {name}@{version}, the newest version in the cache "
+                f"{error}; {name} resolves to {name}@{version}, the newest version in the cache "
                 f"({self.cache.folder}), which may not be the newest published",
                 stacklevel=3,
             )
         elif version in cached:
-            warnings.warn(f"{error.strerror}; {name}@{version} loads from the cache", stacklevel=3)
+            warnings.warn(f"{error}; {name}@{version} loads from the cache", stacklevel=3)
         else:
             have = f" (cached: {[f'{name}@{v}' for v in cached]})" if cached else "; nothing of it is cached"
-            raise StoreUnreachable(None, f"{error.strerror}{have}") from None
+            raise StoreUnreachable(f"{error}{have}") from None
         record = self.cache.record(name, version)
         assert record is not None
         return self._describe_record(name, version, record)

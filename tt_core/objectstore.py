@@ -76,9 +76,12 @@ class ObjectStore:
         protocol = url.split("://", 1)[0].lower()
         self.protocol = protocol
         options = dict(storage_options or {})
+        # A file system of its own: fsspec's shared instances would keep an endpoint or credentials
+        # read from the environment when an earlier registry was opened.
+        options.setdefault("skip_instance_cache", True)
         if protocol in ("s3", "s3a"):
             # Fail in seconds, not minutes, when the server is gone: cached versions then still load.
-            options.setdefault("config_kwargs", {"retries": {"max_attempts": 3}, "connect_timeout": 5})
+            options.setdefault("config_kwargs", {"retries": {"max_attempts": 2}, "connect_timeout": 5})
         import fsspec  # here, not at the top: ``import tt_core`` stays light for ``tt``
 
         try:
@@ -92,7 +95,7 @@ class ObjectStore:
         except ValueError as error:
             raise RegistryError(f"the registry {self.url} is not a URL fsspec knows: {error}") from None
         if protocol in ("s3", "s3a") and hasattr(fs, "retries"):
-            fs.retries = 2  # s3fs's own retries on top of botocore's
+            fs.retries = 1  # s3fs's own retries, on top of botocore's
         self.fs = fs
         self.root = str(path).rstrip("/")
 
@@ -124,10 +127,9 @@ class ObjectStore:
         except Exception as error:
             text = " ".join(str(error).split()) or type(error).__name__
             if _unreachable(error):
-                raise StoreUnreachable(
-                    None, f"the registry {self.url} cannot be reached ({step} {key}): {text}"
-                ) from None
-            raise StorageError(None, f"the registry {self.url}: {step} {key} failed: {text}") from None
+                message = f"the registry {self.url} cannot be reached ({step} {key}): {text}"
+                raise StoreUnreachable(message) from None
+            raise StorageError(f"the registry {self.url}: {step} {key} failed: {text}") from None
 
     # ------------------------------------------------------------------ reads
     def get(self, key: str) -> bytes:
