@@ -79,6 +79,8 @@ class ObjectStore:
         # A file system of its own: fsspec's shared instances would keep an endpoint or credentials
         # read from the environment when an earlier registry was opened.
         options.setdefault("skip_instance_cache", True)
+        # Listings must be fresh: a cached one would hide a version published since, or a removal.
+        options.setdefault("use_listings_cache", False)
         if protocol in ("s3", "s3a"):
             # Fail in seconds, not minutes, when the server is gone: cached versions then still load.
             options.setdefault("config_kwargs", {"retries": {"max_attempts": 2}, "connect_timeout": 5})
@@ -134,7 +136,9 @@ class ObjectStore:
     # ------------------------------------------------------------------ reads
     def get(self, key: str) -> bytes:
         """The bytes of ``key``; ``FileNotFoundError`` if there is no such object."""
-        data = self._call("reading", key, lambda: self.fs.cat_file(self.path(key)))
+        # s3fs asks for the size first (a HEAD) to fetch big objects in parallel ranges: one GET instead.
+        options = {"max_concurrency": 1} if self.protocol in ("s3", "s3a") else {}
+        data = self._call("reading", key, lambda: self.fs.cat_file(self.path(key), **options))
         return bytes(data)
 
     def exists(self, key: str) -> bool:
