@@ -246,3 +246,34 @@ def test_a_server_that_stops_mid_load_changes_nothing_and_the_cache_serves_offli
             Registry(url, cache_dir=tmp_path / "empty").load(build(FAMILY), "terms")
     finally:
         server.stop()
+
+
+def test_tt_registry_commands_take_a_url_and_copy_promotes(url, tmp_path, monkeypatch, capsys):
+    from tt_core.cli import main
+
+    def tt(*argv):
+        status = main([str(arg) for arg in argv])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    monkeypatch.setenv("TT_REGISTRY_CACHE", str(tmp_path / "cache"))
+    trained(seed=1).save_pretrained(tmp_path / "saved")
+    local = tmp_path / "local"
+    assert tt("registry", "publish", tmp_path / "saved", "terms", "--registry", local)[:2] == (
+        0,
+        "published terms@1\n",
+    )
+    status, out, _ = tt("registry", "copy", "terms", "--from", local, "--to", url, "--json")
+    assert status == 0
+    assert json.loads(out) == {"from": str(local), "copied": "terms@1", "to": url, "as": "terms@1"}
+    monkeypatch.setenv("TT_REGISTRY", url)
+    status, out, _ = tt("registry", "list", "--json")
+    assert status == 0 and [p["spec"] for p in json.loads(out)] == ["terms@1"]
+    status, out, _ = tt("registry", "info", "terms")
+    assert status == 0 and f"path:         {url}/records/terms/1.json" in out
+    assert tt("registry", "copy", "terms@1", "--to", local)[1].endswith(f"to {local} as terms@2\n")
+    assert tt("registry", "verify")[:2] == (0, f"every published version in {url} is intact\n")
+    assert tt("registry", "rm", "terms@1")[0] == 0
+    status, _, err = tt("registry", "info", "terms@1")
+    assert status == 2 and err == "tt registry info: terms@1 was removed (versions left: [])\n"
+    assert tt("registry", "gc")[0] == 0
