@@ -393,6 +393,26 @@ class ObjectRegistry(Registry):
         return [self.store.name(key) for key in doomed]
 
 
+    def list(self) -> list[Published]:
+        """The newest version of every adapter, from one listing of the records (paginated by the store)."""
+        listing, packaged = self._listing(), self._packaged()
+        found = []
+        names = {name for name, (present, removed) in listing.items() if present - removed}
+        for name in sorted(names | set(packaged)):
+            if name in packaged:
+                found.append(packaged[name])  # a broken package too: its problem says why
+                continue
+            present, removed = listing[name]
+            version = max(present - removed)
+            try:
+                found.append(self._describe_record(name, version, self._record(name, version)))
+            except (OSError, ValueError) as error:
+                problem = " ".join(str(error).split())
+                path = self._version_path(name, version)
+                found.append(Published(name, version, path, "?", "", "", "broken", [], problem=problem))
+        return found
+
+
 def copy_version(source: Registry, spec: str, destination: Registry) -> int:
     """Publish ``spec`` (``name`` or ``name@version``) of ``source`` as a new version in ``destination``.
 

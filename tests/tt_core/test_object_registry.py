@@ -277,3 +277,28 @@ def test_tt_registry_commands_take_a_url_and_copy_promotes(url, tmp_path, monkey
     status, _, err = tt("registry", "info", "terms@1")
     assert status == 2 and err == "tt registry info: terms@1 was removed (versions left: [])\n"
     assert tt("registry", "gc")[0] == 0
+
+
+def test_http_requests_of_a_cold_load_a_warm_load_and_a_listing(s3_server, tmp_path):
+    from fsspec.asyn import sync
+
+    def requests_of(registry):
+        client = sync(registry.store.fs.loop, registry.store.fs.set_session)
+        seen = []
+        client.meta.events.register("before-send.s3", lambda request, **_: seen.append(request.url))
+        return seen
+
+    url = f"s3://{s3_server.bucket()}/registry"
+    publisher = Registry(url, cache_dir=tmp_path / "publisher")
+    for name in ("a", "b", "c"):
+        publisher.publish(trained(seed=1), name)
+    reader = Registry(url, cache_dir=tmp_path / "reader")
+    seen = requests_of(reader)
+    reader.load(build(FAMILY), "a")
+    assert len(seen) == 5  # listing a's records, the record, manifest.json, the config, the weights
+    seen.clear()
+    reader.load(build(FAMILY), "a")
+    assert len(seen) == 1  # warm: only the listing (a removal must still be seen)
+    seen.clear()
+    assert [p.spec for p in reader.list()] == ["a@1", "b@1", "c@1"]
+    assert sum("list-type=2" in u for u in seen) == 1  # one listing for every name
