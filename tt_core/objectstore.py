@@ -121,16 +121,21 @@ class ObjectStore:
         """The URL of ``key``, for messages."""
         return f"{self.url}/{key}"
 
-    def _call(self, step: str, key: str, action: Callable[[], T]) -> T:
+    def _call(
+        self, step: str, key: str, action: Callable[[], T], passing: tuple[type[OSError], ...] = ()
+    ) -> T:
+        """Run one request; its errors become StorageError naming the URL, but for those of ``passing``."""
         try:
             return action()
-        except (FileNotFoundError, FileExistsError):
+        except passing:
             raise
         except Exception as error:
             text = " ".join(str(error).split()) or type(error).__name__
             if _unreachable(error):
                 message = f"the registry {self.url} cannot be reached ({step} {key}): {text}"
                 raise StoreUnreachable(message) from None
+            if isinstance(error, FileNotFoundError) and "bucket" not in text.lower():
+                text = f"{text} (does the bucket or container exist?)"
             raise StorageError(f"the registry {self.url}: {step} {key} failed: {text}") from None
 
     # ------------------------------------------------------------------ reads
@@ -138,7 +143,9 @@ class ObjectStore:
         """The bytes of ``key``; ``FileNotFoundError`` if there is no such object."""
         # s3fs asks for the size first (a HEAD) to fetch big objects in parallel ranges: one GET instead.
         options = {"max_concurrency": 1} if self.protocol in ("s3", "s3a") else {}
-        data = self._call("reading", key, lambda: self.fs.cat_file(self.path(key), **options))
+        data = self._call(
+            "reading", key, lambda: self.fs.cat_file(self.path(key), **options), (FileNotFoundError,)
+        )
         return bytes(data)
 
     def exists(self, key: str) -> bool:
@@ -171,7 +178,7 @@ class ObjectStore:
         else:
             action = lambda: self.fs.pipe_file(self.path(key), data, mode="create")  # noqa: E731
         try:
-            self._call("creating", key, action)
+            self._call("creating", key, action, (FileExistsError,))
         except StorageError as error:
             if "ResourceExists" in str(error) or "BlobAlreadyExists" in str(error):
                 raise FileExistsError(key) from None

@@ -302,3 +302,11 @@ def test_http_requests_of_a_cold_load_a_warm_load_and_a_listing(s3_server, tmp_p
     seen.clear()
     assert [p.spec for p in reader.list()] == ["a@1", "b@1", "c@1"]
     assert sum("list-type=2" in u for u in seen) == 1  # one listing for every name
+
+
+def test_a_missing_bucket_is_an_error_naming_the_registry(s3_server, tmp_path):
+    registry = Registry("s3://no-such-bucket/registry", cache_dir=tmp_path)
+    with pytest.raises(StorageError, match=r"the registry s3://no-such-bucket/registry: listing .* bucket"):
+        registry.versions("terms")
+    with pytest.raises(StorageError, match=r"the registry s3://no-such-bucket/registry: writing objects/"):
+        registry.publish(trained(), "terms")
