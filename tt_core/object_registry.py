@@ -263,6 +263,9 @@ class ObjectRegistry(Registry):
         entry = found.adapters.get(name) or next(iter(found.adapters.values()))
         folder = entry["path"]
         files = {}
+        sizes: dict[str, Any] = record["sizes"] if isinstance(record.get("sizes"), dict) else {}
+        missing = [f"{folder}/{n}" for n, d in entry["files"].items() if not self.cache.has(d)]
+        bar = _progress(sum(int(sizes.get(path, 0)) for path in missing), f"fetching {name}@{version}")
         for filename, digest in entry["files"].items():
             relative = f"{folder}/{filename}"
             if record["files"].get(relative) != digest:
@@ -272,11 +275,13 @@ class ObjectRegistry(Registry):
                 )
             try:
                 files[filename] = self._fetch(digest, f"{name}@{version} {relative}")
+                bar.update(int(sizes.get(relative, 0)) if relative in missing else 0)
             except FileNotFoundError:
                 raise MissingFiles(
                     f"{name}@{version}: the object {self.store.name(self._object_key(digest))} ({relative}) "
                     "is missing from the store"
                 ) from None
+        bar.close()
         listed_in = Path(f"{name}@{version}") / FILENAME
         return storage.SavedAdapter(Path(f"{name}@{version}") / folder, entry, files, listed_in)
 
