@@ -96,6 +96,8 @@ class ObjectStore:
             ) from None
         except ValueError as error:
             raise RegistryError(f"the registry {self.url} is not a URL fsspec knows: {error}") from None
+        except OSError as error:  # a backend that connects at once (ftp://, sftp://...)
+            raise StorageError(f"the registry {self.url} cannot be opened: {error}") from None
         if protocol in ("s3", "s3a") and hasattr(fs, "retries"):
             fs.retries = 1  # s3fs's own retries, on top of botocore's
         self.fs = fs

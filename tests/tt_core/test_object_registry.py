@@ -9,6 +9,7 @@ killed mid-upload, are in test_object_registry_race.py.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import uuid
 
@@ -309,4 +310,20 @@ def test_a_missing_bucket_is_an_error_naming_the_registry(s3_server, tmp_path):
     with pytest.raises(StorageError, match=r"the registry s3://no-such-bucket/registry: listing .* bucket"):
         registry.versions("terms")
     with pytest.raises(StorageError, match=r"the registry s3://no-such-bucket/registry: writing objects/"):
+        registry.publish(trained(), "terms")
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "package"), [("gs://bucket/x", "gcs", "gcsfs"), ("az://container/x", "azure", "adlfs")]
+)
+def test_a_backend_not_installed_names_the_extra_to_install(url, extra, package, tmp_path):
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(RegistryError, match=rf"pip install 'tt-adapters\[{extra}\]'"):
+        Registry(url, cache_dir=tmp_path)
+
+
+def test_a_read_only_backend_is_refused_for_writing_with_the_reason(tmp_path):
+    registry = Registry("http://127.0.0.1:9/registry", cache_dir=tmp_path)
+    with pytest.raises(RegistryError, match=r"http://, whose fsspec backend cannot create an object only if"):
         registry.publish(trained(), "terms")
