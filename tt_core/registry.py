@@ -41,10 +41,10 @@ _REMOVED = ".removed"
 
 
 def default_root() -> Path:
-    """``$TT_REGISTRY``, else the user's data folder (``platformdirs``)."""
+    """``$TT_REGISTRY`` (a folder or a ``file://`` URL), else the user's data folder (``platformdirs``)."""
     configured = os.environ.get("TT_REGISTRY")
     if configured:
-        return Path(configured)
+        return Path(configured.removeprefix("file://"))
     return platformdirs.user_data_path("tt-adapters") / "registry"
 
 

@@ -62,6 +62,8 @@ def test_a_url_makes_an_object_registry_and_file_urls_stay_local(url, tmp_path, 
     assert isinstance(Registry(), ObjectRegistry) and Registry().root == url
     local = Registry(f"file://{tmp_path / 'local'}")
     assert type(local) is Registry and local.root == tmp_path / "local"
+    monkeypatch.setenv("TT_REGISTRY", f"file://{tmp_path / 'local'}")
+    assert type(Registry()) is Registry and Registry().root == tmp_path / "local"
 
 
 def test_publish_versions_info_load_remove_and_numbers_never_reused(registry):
