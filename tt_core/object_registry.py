@@ -246,7 +246,7 @@ class ObjectRegistry(Registry):
             return super()._read_adapter(info)  # a packaged adapter
         try:
             return self._read_version(info.name, info.version)
-        except (FileNotFoundError, MissingFiles):
+        except (FileNotFoundError, MissingFiles) as error:
             removed = False
             try:
                 _, gone = self._listing(info.name).get(info.name, (set(), set()))
@@ -255,7 +255,9 @@ class ObjectRegistry(Registry):
                 pass
             if removed:
                 raise RegistryError(f"{info.spec} was removed while it was being loaded") from None
-            raise
+            # Not removed: an object is missing (a gc in a race, or damage). Not MissingFiles, which
+            # load() reports as a removal.
+            raise SavedFolderError(str(error)) from None
 
     def _read_version(self, name: str, version: int) -> storage.SavedAdapter:
         record = self._record(name, version)
@@ -394,6 +396,12 @@ class ObjectRegistry(Registry):
             and info["modified"] is not None
             and now - info["modified"] >= self.grace_seconds
         ]
+        if doomed:  # records created while this gc listed: their content stays (narrows the race)
+            for name, (present, removed) in self._listing().items():
+                known = listing.get(name, (set(), set()))[0]
+                for version in present - removed - known:
+                    live.update(self._record(name, version)["files"].values())
+            doomed = [key for key in doomed if key.removeprefix("objects/") not in live]
         self.store.delete(doomed)
         return [self.store.name(key) for key in doomed]
 

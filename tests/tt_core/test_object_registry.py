@@ -329,3 +329,37 @@ def test_a_read_only_backend_is_refused_for_writing_with_the_reason(tmp_path):
     registry = Registry("http://127.0.0.1:9/registry", cache_dir=tmp_path)
     with pytest.raises(RegistryError, match=r"http://, whose fsspec backend cannot create an object only if"):
         registry.publish(trained(), "terms")
+
+
+def test_gc_spares_content_a_publish_names_while_gc_is_listing(registry, monkeypatch):
+    adapter_model = trained(seed=1)
+    registry.publish(adapter_model, "terms")
+    registry.remove("terms@1")  # its content is unnamed now, and old enough with a grace of 0
+    registry.grace_seconds = 0
+    other = Registry(registry.root, cache_dir=registry.cache.folder.parent / "other")
+    real_listing, calls = registry._listing, []
+
+    def listing_then_publish(name=None):
+        found = real_listing(name)
+        calls.append(name)
+        if len(calls) == 1:  # gc has listed the objects and the records: the same content is published
+            other.publish(adapter_model, "terms")
+        return found
+
+    monkeypatch.setattr(registry, "_listing", listing_then_publish)
+    registry.gc()
+    monkeypatch.undo()
+    fresh = Registry(registry.root, cache_dir=registry.cache.folder.parent / "fresh")
+    loaded = fresh.load(build(FAMILY), "terms@2")
+    assert torch.equal(rows(loaded, "terms"), rows(adapter_model, "default"))
+    assert fresh.verify() == []
+
+
+def test_an_object_missing_from_the_store_is_named_not_called_a_removal(registry):
+    registry.publish(trained(seed=1), "terms")
+    record = registry._record("terms", 1)
+    path, digest = next((p, d) for p, d in record["files"].items() if p.endswith(".safetensors"))
+    registry.store.delete([f"objects/{digest}"])
+    cold = Registry(registry.root, cache_dir=registry.cache.folder.parent / "cold")
+    with pytest.raises(SavedFolderError, match=rf"terms@1: the object .*{digest} \({path}\) is missing"):
+        cold.load(build(FAMILY), "terms")
