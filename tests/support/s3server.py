@@ -1,5 +1,8 @@
 """A real S3-compatible HTTP server on localhost (moto in server mode), for the object-store registry tests.
 
+The server serves one request at a time (see s3server_main.py): moto's own
+create-if-absent is not atomic under concurrent requests, S3's is.
+
 Started as a separate process on a free port, stopped after. Nothing here can
 reach AWS: the credentials are dummies and every client is pointed at the
 local endpoint (tests/conftest.py also points the default endpoint at a closed
@@ -14,6 +17,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -27,7 +31,7 @@ class S3Server:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, str(Path(__file__).with_name("s3server_main.py")), "127.0.0.1", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
