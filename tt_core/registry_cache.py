@@ -3,12 +3,13 @@
 Layout (default folder: ``platformdirs``' user cache folder, or ``cache_dir=``)::
 
     cache/objects/<sha256>                       content, named by the SHA-256 of its bytes
-    cache/records/<store>/<name>/<version>.json  version records seen, for offline loads
-                                                 (<store>: a hash of the registry's URL)
+    cache/records/<store>/<name>/<version>.json  version records seen, with their SHA-256, for
+                                                 offline loads (<store>: a hash of the registry's URL)
 
-Every read of an object hashes its bytes: an entry whose hash does not match
-its name (a flipped byte, a truncated write) is reported with a warning,
-removed, and treated as absent, so the caller fetches it again; damaged
+Every read of an object hashes its bytes (and every read of a record checks
+the hash stored beside it): an entry whose hash does not match (a flipped
+byte, a truncated write) is reported with a warning, removed, and treated as
+absent, so the caller fetches it again; damaged
 content is never returned. Entries are written to a temporary file and
 renamed into place (``os.replace``), so a reader never sees half an entry;
 two processes caching one object write the same bytes.
@@ -80,14 +81,34 @@ class ContentCache:
 
     # ---------------------------------------------------------------- records
     def put_record(self, name: str, version: int, record: dict[str, Any]) -> None:
-        self._write(self._record(name, version), json.dumps(record, sort_keys=True).encode())
+        body = json.dumps(record, sort_keys=True)
+        document = {"sha256": hashlib.sha256(body.encode()).hexdigest(), "record": body}
+        self._write(self._record(name, version), json.dumps(document).encode())
 
     def record(self, name: str, version: int) -> dict[str, Any] | None:
+        """The cached record of ``name@version``, checked against its hash; None if absent or damaged."""
+        path = self._record(name, version)
         try:
-            document = json.loads(self._record(name, version).read_bytes())
-        except (OSError, ValueError):
+            data = path.read_bytes()
+        except OSError:
             return None
-        return document if isinstance(document, dict) else None
+        try:
+            document = json.loads(data)
+            body = document["record"]
+            if hashlib.sha256(body.encode()).hexdigest() != document["sha256"]:
+                raise ValueError("hash mismatch")
+            record = json.loads(body)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            warnings.warn(
+                f"the cached record {path} of {name}@{version} is damaged; it is removed and read again",
+                stacklevel=3,
+            )
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        return record
 
     def versions(self, name: str) -> list[int]:
         """The versions of ``name`` whose records are cached."""

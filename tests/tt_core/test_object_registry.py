@@ -363,3 +363,12 @@ def test_an_object_missing_from_the_store_is_named_not_called_a_removal(registry
     cold = Registry(registry.root, cache_dir=registry.cache.folder.parent / "cold")
     with pytest.raises(SavedFolderError, match=rf"terms@1: the object .*{digest} \({path}\) is missing"):
         cold.load(build(FAMILY), "terms")
+
+
+def test_a_damaged_cached_record_is_detected_and_read_again(registry):
+    registry.publish(trained(seed=1), "terms")
+    (cached,) = (registry.cache.folder / "records").rglob("1.json")
+    cached.write_bytes(cached.read_bytes().replace(b'\\"version\\": 1', b'\\"version\\": 7'))
+    with pytest.warns(UserWarning, match=r"cached record .*1.json of terms@1 is damaged"):
+        registry.load(build(FAMILY), "terms")
+    assert registry.cache.record("terms", 1)["version"] == 1
