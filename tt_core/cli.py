@@ -263,6 +263,12 @@ def _registry_verify(args: argparse.Namespace) -> int:
 
 def _registry_gc(args: argparse.Namespace) -> int:
     registry = _registry(args)
+    if args.grace_seconds is not None:
+        if not hasattr(registry, "grace_seconds"):
+            raise CommandError("--grace-seconds applies to a registry on object storage, not a folder")
+        if args.grace_seconds < 0:
+            raise CommandError(f"--grace-seconds must be >= 0, got {args.grace_seconds}")
+        registry.grace_seconds = args.grace_seconds
     removed = registry.gc()
     for path in removed:
         print(f"removed {path}")
@@ -553,7 +559,13 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("spec", metavar="NAME@VERSION")
     verify = action("verify", _registry_verify, "check every published version's files")
     verify.add_argument("--json", action="store_true", help="print a JSON object")
-    action("gc", _registry_gc, "remove what interrupted publishes left behind")
+    gc = action("gc", _registry_gc, "remove what interrupted publishes left behind")
+    gc.add_argument(
+        "--grace-seconds",
+        type=float,
+        metavar="S",
+        help="on object storage: delete only unnamed objects older than this (default 3600)",
+    )
     copy = action("copy", _registry_copy, "copy a version to another registry (a folder or a URL)")
     copy.add_argument("spec", metavar="NAME[@VERSION]")
     copy.add_argument(

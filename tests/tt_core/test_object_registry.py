@@ -279,7 +279,11 @@ def test_tt_registry_commands_take_a_url_and_copy_promotes(url, tmp_path, monkey
     assert tt("registry", "rm", "terms@1")[0] == 0
     status, _, err = tt("registry", "info", "terms@1")
     assert status == 2 and err == "tt registry info: terms@1 was removed (versions left: [])\n"
-    assert tt("registry", "gc")[0] == 0
+    assert tt("registry", "gc")[1] == f"nothing to remove in {url}\n"  # younger than the grace period
+    status, out, _ = tt("registry", "gc", "--grace-seconds", "0")
+    assert status == 0 and out.count("removed ") == 4  # terms@1's four objects
+    status, _, err = tt("registry", "gc", "--grace-seconds", "0", "--registry", local)
+    assert status == 2 and "--grace-seconds applies to a registry on object storage" in err
 
 
 def test_http_requests_of_a_cold_load_a_warm_load_and_a_listing(s3_server, tmp_path):
