@@ -25,10 +25,13 @@ registry rest on what they have:
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -82,6 +85,7 @@ class ObjectRegistry(Registry):
         self.root = self.store.url  # type: ignore[assignment]  # a URL (credentials never in it)
         self.cache = ContentCache(cache_dir, self.store.url)
         self.grace_seconds = float(grace_seconds)
+        self._ahead = threading.local()  # what one load() fetched ahead: listings, cached versions
 
     def __repr__(self) -> str:
         return f"Registry({self.store.url!r})"
@@ -179,7 +183,7 @@ class ObjectRegistry(Registry):
         if name in packaged:
             return super().info(spec)
         try:
-            present, removed = self._listing(name).get(name, (set(), set()))
+            present, removed = self._listing_of(name).get(name, (set(), set()))
         except StoreUnreachable as error:
             return self._offline_info(name, version, error)
         versions = sorted(present - removed)
@@ -241,9 +245,43 @@ class ObjectRegistry(Registry):
             and all(self.cache.has(digest) for digest in record["files"].values())
         )
 
+    def _listing_of(self, name: str) -> dict[str, tuple[set[int], set[int]]]:
+        """The listing of ``name``'s records: the one load() started ahead, else a new one."""
+        ahead = getattr(self._ahead, "listings", {}).pop(name, None)
+        return ahead.result() if ahead is not None else self._listing(name)
+
+    def load(self, base_model: Any, specs: str | list[str], *args: Any, **kwargs: Any) -> Any:
+        """:meth:`Registry.load`; a warm load reads and checks the cached files during the listing.
+
+        The listing of each name's records (one round trip, needed to see the
+        newest version and removals) runs in a thread while the version the
+        cache suggests (the one asked for, or the newest cached) is read from
+        the cache and hashed. What the listing then names is what loads: a
+        guess it contradicts is dropped and the version is read as usual.
+        """
+        spec_list = [specs] if isinstance(specs, str) else list(specs)
+        parsed = [parse_spec(spec) for spec in spec_list if isinstance(spec, str)]
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, len(parsed)), thread_name_prefix="tt-registry")
+        try:
+            self._ahead.listings = {name: pool.submit(self._listing, name) for name, _ in parsed}
+            self._ahead.read = {}
+            for name, version in parsed:
+                guess = version if version is not None else max(self.cache.versions(name), default=None)
+                if guess is not None and self._fully_cached(name, guess):
+                    # On any fault it is read again, as usual, once the listing says which version.
+                    with contextlib.suppress(OSError, ValueError):
+                        self._ahead.read[(name, guess)] = self._read_version(name, guess)
+            return super().load(base_model, specs, *args, **kwargs)
+        finally:
+            self._ahead.listings, self._ahead.read = {}, {}
+            pool.shutdown(wait=False)
+
     def _read_adapter(self, info: Published) -> storage.SavedAdapter:
         if info.source != self.store.protocol:
             return super()._read_adapter(info)  # a packaged adapter
+        ahead = getattr(self._ahead, "read", {}).pop((info.name, info.version), None)
+        if ahead is not None:
+            return ahead  # read from the cache and checked while the listing ran; the listing names it
         try:
             return self._read_version(info.name, info.version)
         except (FileNotFoundError, MissingFiles) as error:

@@ -376,3 +376,16 @@ def test_a_damaged_cached_record_is_detected_and_read_again(registry):
     with pytest.warns(UserWarning, match=r"cached record .*1.json of terms@1 is damaged"):
         registry.load(build(FAMILY), "terms")
     assert registry.cache.record("terms", 1)["version"] == 1
+
+
+def test_a_warm_load_follows_the_store_not_the_cache(registry):
+    first, second = trained(seed=1), trained(seed=2)
+    registry.publish(first, "terms")
+    reader = Registry(registry.root, cache_dir=registry.cache.folder.parent / "reader")
+    assert torch.equal(rows(reader.load(build(FAMILY), "terms"), "terms"), rows(first, "default"))
+    registry.publish(second, "terms")  # the reader's cache still has only terms@1: its guess is wrong
+    assert torch.equal(rows(reader.load(build(FAMILY), "terms"), "terms"), rows(second, "default"))
+    registry.remove("terms@2")  # cached by the reader now, but removed: not loaded
+    with pytest.raises(RegistryError, match="terms@2 was removed"):
+        reader.load(build(FAMILY), "terms@2")
+    assert torch.equal(rows(reader.load(build(FAMILY), "terms"), "terms"), rows(first, "default"))
