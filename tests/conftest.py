@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,3 +20,34 @@ def pytest_collection_modifyitems(items: list) -> None:
     for item in items:
         if hasattr(getattr(item, "module", None), "assert_same_math"):
             item.add_marker("float_rounding")
+
+
+# No test may reach AWS: dummy credentials, no config files, no instance metadata, and the default
+# endpoint a closed local port. The S3 tests point AWS_ENDPOINT_URL at their own local server.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_CONFIG_FILE=os.devnull,
+    AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    AWS_EC2_METADATA_DISABLED="true",
+    AWS_ENDPOINT_URL="http://127.0.0.1:9",
+)
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("AWS_SESSION_TOKEN", None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server for the whole session (started only if a test asks for it)."""
+    pytest.importorskip("moto.server")
+    from s3server import S3Server
+
+    server = S3Server()
+    previous = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = server.endpoint
+    try:
+        yield server
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = previous
+        server.stop()

@@ -9,8 +9,8 @@ loads), for
   (dropout draws from the RNG state Trainer saves and restores);
 * ``combined``: a PEFT ``LoraConfig(target_modules=[...],
   trainable_token_indices=[...])`` folder loaded with
-  ``AdapterModel.from_pretrained(..., is_trainable=True)``: a LoRA and its token
-  rows, two adapters of tt-adapters active together.
+  ``AdapterModel.from_pretrained(..., is_trainable=True)``: one adapter, a LoRA
+  and its token rows, as in PEFT.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _optimizer_tensors(trainer: transformers.Trainer) -> list[torch.Tensor]:
 def test_trains_and_checkpoints_hold_the_adapters_only(tmp_path, kind, tied):
     adapter_model = _adapter_model(kind, tied, tmp_path)
     if kind == "combined":
-        assert adapter_model.active_adapters == ["default", "default_tokens"]
+        assert adapter_model.adapters == adapter_model.active_adapters == ["default"]
     trainable = _trainable(adapter_model)
     names = {name.rsplit(".", 1)[-1] for name in trainable}
     assert names == ({"lora_A", "lora_B"} | ({"trainable_tokens_rows"} if kind == "combined" else set()))

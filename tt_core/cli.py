@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 _FAILED = 1
 _INTERRUPTED = 130
 _COMMANDS = ("plugins", "inspect", "registry", "merge", "export", "demo")
-_REGISTRY_ACTIONS = ("list", "info", "publish", "rm", "verify", "gc")
+_REGISTRY_ACTIONS = ("list", "info", "publish", "rm", "verify", "gc", "copy")
 # Files that tell a transformers model folder also holds a tokenizer.
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
@@ -257,11 +257,31 @@ def _registry_verify(args: argparse.Namespace) -> int:
 
 def _registry_gc(args: argparse.Namespace) -> int:
     registry = _registry(args)
+    if args.grace_seconds is not None:
+        if not hasattr(registry, "grace_seconds"):
+            raise CommandError("--grace-seconds applies to a registry on object storage, not a folder")
+        if args.grace_seconds < 0:
+            raise CommandError(f"--grace-seconds must be >= 0, got {args.grace_seconds}")
+        registry.grace_seconds = args.grace_seconds
     removed = registry.gc()
     for path in removed:
         print(f"removed {path}")
     if not removed:
         print(f"nothing to remove in {registry.root}")
+    return 0
+
+
+def _registry_copy(args: argparse.Namespace) -> int:
+    from tt_core.registry import Registry
+
+    source = Registry(args.source) if args.source is not None else _registry(args)
+    destination = Registry(args.destination)
+    copied = source.info(args.spec).spec
+    version = f"{copied.partition('@')[0]}@{source.copy(copied, destination)}"
+    if args.json:
+        _print_json({"from": str(source.root), "copied": copied, "to": str(destination.root), "as": version})
+    else:
+        print(f"copied {copied} from {source.root} to {destination.root} as {version}")
     return 0
 
 
@@ -470,9 +490,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_registry_option(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--registry",
-        metavar="DIR",
+        metavar="DIR_OR_URL",
         default=default,
-        help="the registry's folder (default: $TT_REGISTRY, else the user's data folder)",
+        help="the registry: a folder, or s3://bucket/prefix, gs://..., az://... (default: $TT_REGISTRY, "
+        "else the user's data folder)",
     )
 
 
@@ -517,7 +538,20 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("spec", metavar="NAME@VERSION")
     verify = action("verify", _registry_verify, "check every published version's files")
     verify.add_argument("--json", action="store_true", help="print a JSON object")
-    action("gc", _registry_gc, "remove what interrupted publishes left behind")
+    gc = action("gc", _registry_gc, "remove what interrupted publishes left behind")
+    gc.add_argument(
+        "--grace-seconds",
+        type=float,
+        metavar="S",
+        help="on object storage: delete only unnamed objects older than this (default 3600)",
+    )
+    copy = action("copy", _registry_copy, "copy a version to another registry (a folder or a URL)")
+    copy.add_argument("spec", metavar="NAME[@VERSION]")
+    copy.add_argument(
+        "--from", dest="source", metavar="DIR_OR_URL", help="the registry to copy from (default: --registry)"
+    )
+    copy.add_argument("--to", dest="destination", required=True, metavar="DIR_OR_URL")
+    copy.add_argument("--json", action="store_true", help="print a JSON object")
 
     merge = commands.add_parser("merge", help="merge published adapters into a plain transformers model")
     merge.add_argument("base_model", metavar="BASE_MODEL_DIR", help="a local transformers model folder")
@@ -580,7 +614,7 @@ def _prog(words: list[str]) -> str:
     for word in words:
         if skip:
             skip = False
-        elif word == "--registry":
+        elif word in ("--registry", "--from", "--to"):
             skip = True  # its value is a folder, not a word of the command
         elif not word.startswith("-"):
             positional.append(word)

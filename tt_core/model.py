@@ -567,8 +567,9 @@ class AdapterModel(nn.Module):
         called ``adapter_name``, or its only adapter) or one adapter's folder.
         Every file is checked against its hash, and the adapter's recorded base
         model against this one; on any error the model is left as it was.
-        A PEFT folder is converted (docs/peft.md); a LoRA with
-        ``trainable_token_indices`` loads as ``adapter_name`` and ``adapter_name + "_tokens"``.
+        A PEFT folder is converted (docs/peft.md); a LoRA on linear layers with
+        ``trainable_token_indices`` is one adapter, as in PEFT (one on the
+        embedding loads as ``adapter_name`` and ``adapter_name + "_tokens"``).
         """
         if peft.is_peft_folder(model_id):
             names = self._load_peft(model_id, adapter_name, is_trainable, strict)

@@ -30,7 +30,7 @@ import platformdirs
 from torch import nn
 
 from tt_core.api.errors import ArgumentTypeError, RegistryError, StorageError
-from tt_core.disk import manifest, storage
+from tt_core.disk import manifest, objectstore, storage
 from tt_core.disk.manifest import ADAPTER_MANIFEST
 from tt_core.formats import native, peft
 from tt_core.model import AdapterModel
@@ -43,10 +43,10 @@ _REMOVED = ".removed"
 
 
 def default_root() -> Path:
-    """``$TT_REGISTRY``, else the user's data folder (``platformdirs``)."""
+    """``$TT_REGISTRY`` (a folder or a ``file://`` URL), else the user's data folder (``platformdirs``)."""
     configured = os.environ.get("TT_REGISTRY")
     if configured:
-        return Path(configured)
+        return Path(configured.removeprefix("file://"))
     return platformdirs.user_data_path("tt-adapters") / "registry"
 
 
@@ -56,7 +56,7 @@ class Published:
 
     name: str
     version: int
-    path: Path
+    path: Path | str  # a URL for a registry on object storage
     method: str
     description: str
     published_at: str
@@ -160,9 +160,26 @@ def saved_adapter_names(path: str | os.PathLike[str]) -> list[str]:
 
 
 class Registry:
-    """Published adapters under ``root`` (default: :func:`default_root`)."""
+    """Published adapters under ``root`` (default: :func:`default_root`).
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    ``root`` is a folder (or ``file://`` URL), or an object store's URL
+    (``s3://bucket/prefix``, ``gs://...``, ``az://...``, ``memory://...``): then
+    the registry is a :class:`tt_core.object_registry.ObjectRegistry`, which
+    takes ``cache_dir=``, ``storage_options=`` and ``grace_seconds=`` too.
+    """
+
+    def __new__(cls, root: str | os.PathLike[str] | None = None, **options: Any) -> Registry:
+        where = root if root is not None else os.environ.get("TT_REGISTRY")
+        if cls is Registry and objectstore.is_url(where):
+            from tt_core.object_registry import ObjectRegistry
+
+            return super().__new__(ObjectRegistry)
+        return super().__new__(cls)
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, cache_dir: Any = None) -> None:
+        # cache_dir is accepted for a local registry too, which needs no cache, so code can pass it always.
+        if isinstance(root, str) and root.startswith("file://"):
+            root = root.removeprefix("file://")
         self.root = Path(root) if root is not None else default_root()
         # A folder, or a path a folder can be made at (the first publish makes it): never a file.
         existing = next((path for path in (self.root, *self.root.parents) if path.exists()), None)
@@ -239,6 +256,7 @@ class Registry:
         entry: dict[str, Any],
         description: str,
         tokens: list[dict[str, Any]],
+        extra: dict[str, Any] | None = None,
     ) -> int:
         check_adapter_name(name)
         if not isinstance(description, str):
@@ -251,6 +269,7 @@ class Registry:
             "description": description,
             "published_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "added_tokens": tokens,
+            **(extra or {}),
         }
         # Under the lock: the number is handed out once, and gc() knows no publish is running.
         with storage.locked(self.root):
@@ -286,6 +305,23 @@ class Registry:
             elif child.is_dir():
                 present.add(int(stem))
         return sorted(present | removed) if include_removed else sorted(present - removed)
+
+    def _version_path(self, name: str, version: int) -> Path:
+        return self.root / name / str(version)
+
+    def _read_adapter(self, info: Published) -> storage.SavedAdapter:
+        """The verified files of a published version (or a packaged adapter)."""
+        # A package's folder may hold its one adapter under another name ("default", say).
+        return next(iter(storage.read_all(Path(info.path), info.name)[1].values()))
+
+    def copy(self, spec: str, destination: Registry) -> int:
+        """Publish ``spec`` (``name`` or ``name@version``) as the next version of its name in ``destination``.
+
+        Either registry may be a folder or an object store (``tt registry copy``).
+        """
+        from tt_core.object_registry import copy_version
+
+        return copy_version(self, spec, destination)
 
     def _packaged(self) -> dict[str, Published]:
         found = {}
@@ -397,8 +433,7 @@ class Registry:
         saved = {}
         for info in infos:
             try:
-                # A package's folder may hold its one adapter under another name ("default", say).
-                saved[info.name] = next(iter(storage.read_all(info.path, info.name)[1].values()))
+                saved[info.name] = self._read_adapter(info)
             except (FileNotFoundError, storage.MissingFiles):
                 raise RegistryError(f"{info.spec} was removed while it was being loaded") from None
             native.read_config(saved[info.name])
@@ -521,9 +556,7 @@ class Registry:
                 spec = f"{name}@{version}"
                 try:
                     info = self.info(spec)
-                    _, saved = storage.read_all(info.path)
-                    for adapter in saved.values():
-                        native.read_config(adapter)
+                    native.read_config(self._read_adapter(info))
                 except (OSError, ValueError) as error:
                     problems.append(f"{spec}: {error}")
         for folder in self._half_removed():
@@ -566,6 +599,6 @@ class Registry:
                 found.append(self.info(spec))
             except (OSError, ValueError) as error:
                 problem = " ".join(str(error).split())
-                path = self.root / name / str(versions[-1])
+                path = self._version_path(name, versions[-1])
                 found.append(Published(name, versions[-1], path, "?", "", "", "broken", [], problem=problem))
         return found

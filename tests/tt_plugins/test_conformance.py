@@ -64,10 +64,38 @@ LORA_LINEAR_BAD = [
     lambda vocab: LoraLinearConfig(target_modules=r".*\.(self_attn|attention)"),
 ]
 
+
+def lora_linear_tokens_config(vocab):
+    # PEFT's combined adapter: LoRA on every projection and new rows of the embedding, one adapter
+    return LoraLinearConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        trainable_token_indices=[3, 17, vocab - 1],
+    )
+
+
+def lora_linear_tokens_fold(state, weight):
+    # one adapter, two kinds of state: the projections' LoRA, the embedding's (and a tied head's) rows
+    if isinstance(state, TrainableTokensLayer):
+        return tokens_fold(state, weight)
+    return lora_linear_fold(state, weight)
+
+
+LORA_LINEAR_TOKENS_BAD = [
+    lambda vocab: LoraLinearConfig(target_modules="all-linear", trainable_token_indices=[3, vocab]),
+    lambda vocab: LoraLinearConfig(target_modules="all-linear", trainable_token_indices=[3, 3]),
+    lambda vocab: LoraLinearConfig(
+        target_modules="all-linear", trainable_token_indices={"no_such_module": [3]}
+    ),
+]
+
 METHODS = {
     "trainable_tokens": (tokens_config, tokens_fold, TOKENS_BAD),
     "lora_embedding": (lora_config, lora_fold, LORA_BAD),
     "lora_linear": (lora_linear_config, lora_linear_fold, LORA_LINEAR_BAD),
+    "lora_linear_tokens": (lora_linear_tokens_config, lora_linear_tokens_fold, LORA_LINEAR_TOKENS_BAD),
 }
 
 

@@ -146,9 +146,10 @@ def peft_import(
     """Recognise a PEFT adapter of this plugin's kind and return it as ``(config, tensors)``.
 
     Asked of every plugin, the first answer wins: return ``None`` unless
-    ``peft_config`` (one ``adapter_config.json``, or the part of it the core
-    split off, such as ``trainable_token_indices`` given as a
-    ``"TRAINABLE_TOKENS"`` config) is of your kind, usually by its
+    ``peft_config`` (one ``adapter_config.json``; when no plugin reads a
+    LoRA's ``trainable_token_indices`` with it, the two parts the core then
+    splits it into, the rows as a ``"TRAINABLE_TOKENS"`` config) is of your
+    kind, usually by its
     ``peft_type``. Plugins reading one ``peft_type`` answer for disjoint
     folders (``lora_embedding`` and ``lora_linear`` split PEFT's ``LORA`` by
     the modules its tensors adapt), so the order they are asked in never

@@ -9,8 +9,10 @@ This module holds what any method shares (see docs/peft.md):
   names left out);
 - copies of base weights PEFT saves beside an adapter (``*.base_layer.weight``),
   checked against the model instead of loaded;
-- LoRA's ``trainable_token_indices``, split off as a ``TRAINABLE_TOKENS``
-  adapter of its own (PEFT keeps its rows under ``*.token_adapter.``);
+- LoRA's ``trainable_token_indices`` when no plugin reads the rows with the
+  LoRA (a LoRA on an embedding): split off as a ``TRAINABLE_TOKENS`` adapter
+  of its own (PEFT keeps its rows under ``*.token_adapter.``). The
+  ``lora_linear`` plugin reads and writes them itself, as one adapter;
 - whether a whole stack of adapters can be written so that PEFT computes the
   same outputs.
 
@@ -42,7 +44,7 @@ from tt_core.api.peft_hooks import is_unset, lora_config
 from tt_core.disk import manifest, storage
 from tt_core.disk.manifest import CONFIG_FILE, WEIGHTS_FILE
 from tt_core.formats import native
-from tt_core.plugins import get_plugin_manager
+from tt_core.plugins import PluginManager, get_plugin_manager
 from tt_core.tensors.targets import input_embedding_name, named_base_modules
 
 if TYPE_CHECKING:
@@ -164,7 +166,11 @@ def _join_tokens(
         if tokens_name not in exported:
             continue
         (config, tensors), (tokens_config, token_tensors) = exported[name], exported[tokens_name]
-        if config["peft_type"] != "LORA" or tokens_config["peft_type"] != "TRAINABLE_TOKENS":
+        if (
+            config["peft_type"] != "LORA"
+            or tokens_config["peft_type"] != "TRAINABLE_TOKENS"
+            or not is_unset(config.get("trainable_token_indices"))  # the LoRA holds rows of its own
+        ):
             continue
         for site in records[name].sites:
             for tokens_site in records[tokens_name].sites:
@@ -534,34 +540,50 @@ def _convert(
         match = _BASE_COPY.fullmatch(key)
         if match:
             base[match["module"]] = tensors.pop(key)
-    config, tensors, tokens_config, token_rows = _split_tokens(config, tensors, where)
-    parts = [(name, config, tensors)]
-    if tokens_config is not None:
-        parts.append((name + TOKENS_SUFFIX, tokens_config, token_rows))
     if model is not None and base:
         _check_base_copies(base, model, where, strict)
     manager = get_plugin_manager()
+    parts = [(name, config, _import(manager, config, tensors, model, where))]
+    if parts[0][2] is None and not is_unset(config.get("trainable_token_indices")):
+        # No plugin reads the token rows with the LoRA (one on an embedding): they become an adapter of
+        # their own, name + TOKENS_SUFFIX.
+        config, tensors, tokens_config, token_rows = _split_tokens(config, tensors, where)
+        parts = [(name, config, _import(manager, config, tensors, model, where))]
+        if tokens_config is not None:
+            tokens = _import(manager, tokens_config, token_rows, model, where)
+            parts.append((name + TOKENS_SUFFIX, tokens_config, tokens))
     converted = {}
-    for part_name, part_config, part_tensors in parts:
-        try:
-            result = manager.hook.peft_import(
-                peft_config=dict(part_config), tensors=dict(part_tensors), model=model
-            )
-        except ValueError as error:
-            raise SavedFolderError(f"{where}: {error}. Nothing was loaded.") from None
+    for part_name, part_config, result in parts:
         if result is None:
             raise SavedFolderError(
                 f"{where}: no installed tt plugin reads PEFT adapters of type {part_config['peft_type']!r} "
                 f"(installed methods: {sorted(manager.methods)}). Nothing was loaded."
             )
         adapter_config, native_tensors = result
-        if not isinstance(adapter_config, AdapterConfig) or not isinstance(native_tensors, dict):
-            raise PluginError(
-                f"the peft_import hook answering for {part_config['peft_type']!r} must return "
-                "(config, tensors)"
-            )
         converted[part_name] = _native(adapter_config, native_tensors, folder, base if model is None else {})
     return converted
+
+
+def _import(
+    manager: PluginManager,
+    peft_config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    model: nn.Module | None,
+    where: str,
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
+    """The peft_import hooks' answer for one PEFT config, or None when no plugin reads it."""
+    try:
+        result = manager.hook.peft_import(peft_config=dict(peft_config), tensors=dict(tensors), model=model)
+    except ValueError as error:
+        raise SavedFolderError(f"{where}: {error}. Nothing was loaded.") from None
+    if result is None:
+        return None
+    adapter_config, native_tensors = result
+    if not isinstance(adapter_config, AdapterConfig) or not isinstance(native_tensors, dict):
+        raise PluginError(
+            f"the peft_import hook answering for {peft_config['peft_type']!r} must return (config, tensors)"
+        )
+    return adapter_config, native_tensors
 
 
 def read(
@@ -576,9 +598,10 @@ def read(
     (``"default"`` for the one in the folder itself), activating the
     default one (else all). Otherwise the adapter called ``adapter_name``,
     or the folder's only one, as ``adapter_name``. A LoRA with
-    ``trainable_token_indices`` becomes two adapters, ``<name>`` and
-    ``<name>_tokens``. ``model`` (the model to load onto) lets the plugins
-    check more and pick the closest equivalent; without it, base-weight
+    ``trainable_token_indices`` that no plugin reads whole (one on an
+    embedding) becomes two adapters, ``<name>`` and ``<name>_tokens``.
+    ``model`` (the model to load onto) lets the plugins check more and pick
+    the closest equivalent; without it, base-weight
     copies are recorded as the adapter's base, checked at loading.
     """
     root = Path(path)
@@ -617,7 +640,8 @@ def read_one(path: str | os.PathLike[str], adapter_name: str | None = None) -> s
     converted, _ = read(root, adapter_name or next(iter(found), DEFAULT_ADAPTER))
     if len(converted) != 1:
         raise SavedFolderError(
-            f"the PEFT adapter in {root} is a LoRA with trainable_token_indices, which tt-adapters holds as "
+            f"the PEFT adapter in {root} is a LoRA on an embedding with trainable_token_indices, which "
+            "tt-adapters holds as "
             f"two adapters {sorted(converted)}; load it (AdapterModel.from_pretrained) and publish each "
             "with Registry.publish(adapter_model, name, adapter=...)"
         )

@@ -88,7 +88,6 @@ _REASONS = {
     "alora_invocation_tokens": "activated LoRA applies the update from invocation tokens on, not everywhere",
     "use_qalora": "QA-LoRA pools the input of quantized layers",
     "megatron_config": "Megatron's parallel layers are not token embeddings",
-    "trainable_token_indices": "it should have been split off as a trainable-tokens adapter",
 }
 _FACTORS = {
     "lora_embedding_A": ("embedding", "A"),
@@ -230,6 +229,8 @@ def peft_import(
 ) -> tuple[LoraEmbeddingConfig, dict[str, torch.Tensor]] | None:
     if peft_config.get("peft_type") != "LORA" or lora_options.on_linear_layers(tensors, model):
         return None
+    if peft_config.get("trainable_token_indices"):
+        return None  # the core splits its token rows off as a trainable-tokens adapter and asks again
     peft_hooks.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
     r, alpha, _ = lora_options.peft_numbers(peft_config)
     if peft_config.get("use_rslora"):

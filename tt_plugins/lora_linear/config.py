@@ -11,6 +11,7 @@ from tt_core import AdapterConfig
 from tt_core.api.config import check_target_modules
 from tt_core.api.errors import ConfigError
 from tt_plugins import lora_options
+from tt_plugins.trainable_tokens.config import TrainableTokensConfig
 
 #: PEFT's shorthand for every linear layer but the output head.
 ALL_LINEAR = "all-linear"
@@ -34,6 +35,13 @@ class LoraLinearConfig(AdapterConfig):
     (in, out)); as in PEFT the layer's own layout decides, with a warning
     when this says otherwise. ``bias``: ``"none"`` only (the base model's
     biases stay frozen).
+    ``trainable_token_indices``: as PEFT's, new rows for these token ids in
+    the same adapter: a list for the input embedding (the module
+    ``get_input_embeddings()`` returns, and a head tied to it), or
+    ``{module name: ids}``. The rows are trainable tokens
+    (:class:`~tt_plugins.trainable_tokens.TrainableTokensLayer`); activating,
+    merging, saving or deleting the adapter takes its LoRA and its rows
+    together.
     """
 
     method: ClassVar[str] = "lora_linear"
@@ -45,6 +53,7 @@ class LoraLinearConfig(AdapterConfig):
     use_rslora: bool = False
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         self.r, self.lora_alpha = lora_options.rank_and_alpha(self.r, self.lora_alpha)
@@ -68,6 +77,11 @@ class LoraLinearConfig(AdapterConfig):
                 f"init_lora_weights={init!r} is not supported; give True, False or 'gaussian' (PiSSA, OLoRA, "
                 "LoftQ, EVA and the like change the base weights, which tt-adapters never does)"
             )
+        if self.trainable_token_indices is not None:
+            try:
+                self.trainable_token_indices = self.tokens_config().token_indices
+            except ConfigError as error:
+                raise ConfigError(f"trainable_token_indices: {error}") from None
         if self.target_modules is None:
             raise ConfigError(
                 "LoRA on linear layers needs target_modules: module names (e.g. ['q_proj', 'v_proj']), a "
@@ -83,3 +97,9 @@ class LoraLinearConfig(AdapterConfig):
     def scaling(self) -> float:
         """The factor ``B @ A`` is multiplied by: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` (rsLoRA)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def tokens_config(self) -> TrainableTokensConfig:
+        """The trainable tokens of ``trainable_token_indices``, as PEFT makes them: from the base rows."""
+        if self.trainable_token_indices is None:
+            raise ConfigError("this LoRA has no trainable_token_indices")
+        return TrainableTokensConfig(token_indices=self.trainable_token_indices)

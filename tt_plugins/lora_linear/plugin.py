@@ -2,8 +2,12 @@
 
 ``detect_target`` resolves PEFT's ``target_modules`` (names, a regular
 expression, ``"all-linear"``) to linear layers; ties are declined, as PEFT's
-LoRA adapts only the modules it names; merging is the state's own. PEFT's
-LORA type on linear layers maps onto it (see docs/peft.md).
+LoRA adapts only the modules it names; merging is the state's own. With
+``trainable_token_indices`` the same adapter also holds trainable tokens on
+the embedding(s) it names: those targets get the ``trainable_tokens``
+plugin's state, and its tie handling (a tied head shares the rows), as in
+PEFT. PEFT's LORA type on linear layers, with or without
+``trainable_token_indices``, maps onto it (see docs/peft.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from tt_core.tensors.wrapper import AdapterLayer
 from tt_plugins import lora_options
 from tt_plugins.lora_linear.config import ALL_LINEAR, LoraLinearConfig
 from tt_plugins.lora_linear.layer import LoraLinearLayer
+from tt_plugins.trainable_tokens import plugin as tokens_plugin
+from tt_plugins.trainable_tokens.config import TrainableTokensConfig
+from tt_plugins.trainable_tokens.layer import TrainableTokensLayer
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -41,8 +48,41 @@ def register_methods(register: MethodRegister) -> None:
     register(LoraLinearConfig)
 
 
+def _token_targets(model: nn.Module, config: LoraLinearConfig) -> list[str]:
+    """The modules ``trainable_token_indices`` names: the input embedding for a list, else its keys."""
+    if config.trainable_token_indices is None:
+        return []
+    tokens = config.tokens_config()
+    return tokens_plugin.detect_target(model=model, config=tokens) or resolve_targets(model, None)
+
+
+def _is_token_target(config: LoraLinearConfig, target_name: str, base_layer: nn.Module) -> bool:
+    """Whether ``target_name`` (one of :func:`detect_target`'s) gets the trainable-tokens state."""
+    indices = config.trainable_token_indices
+    if isinstance(indices, dict):
+        return config.tokens_config().indices_for(target_name) is not None
+    return indices is not None and not _is_linear(base_layer)  # the input embedding
+
+
 @hookimpl
 def detect_target(model: nn.Module, config: LoraLinearConfig) -> list[str]:
+    linear = _linear_targets(model, config)
+    tokens = _token_targets(model, config)
+    modules = dict(named_base_modules(model))
+    for name in tokens:
+        weight = getattr(modules[name], "weight", None)
+        both = [other for other in linear if getattr(modules[other], "weight", None) is weight]
+        if both:
+            raise ConfigError(
+                f"trainable_token_indices trains rows of {name}, whose weight {both} hold too, and "
+                f"target_modules={config.target_modules!r} puts LoRA on them: one adapter cannot change one "
+                "weight twice (PEFT refuses this too). Leave them out of target_modules, or train those rows "
+                "in a separate TrainableTokensConfig adapter"
+            )
+    return linear + tokens
+
+
+def _linear_targets(model: nn.Module, config: LoraLinearConfig) -> list[str]:
     modules = dict(named_base_modules(model))
     if config.target_modules == ALL_LINEAR:
         head = _output_head(model)
@@ -72,7 +112,12 @@ def detect_target(model: nn.Module, config: LoraLinearConfig) -> list[str]:
 @hookimpl
 def create_layer(
     config: LoraLinearConfig, adapter_name: str, target_name: str, base_layer: nn.Module
-) -> LoraLinearLayer:
+) -> LoraLinearLayer | TrainableTokensLayer:
+    if _is_token_target(config, target_name, base_layer):
+        tokens = config.tokens_config()
+        return tokens_plugin.create_layer(
+            config=tokens, adapter_name=adapter_name, target_name=target_name, base_layer=base_layer
+        )
     weight = getattr(base_layer, "weight", None)
     if isinstance(base_layer, nn.Linear) and isinstance(weight, torch.Tensor):
         in_features, out_features, fan_in_fan_out = base_layer.in_features, base_layer.out_features, False
@@ -108,7 +153,12 @@ def tie_handler(
     model: nn.Module, config: LoraLinearConfig, target_name: str, base_layer: nn.Module
 ) -> list[str]:
     # PEFT's LoRA adapts the modules it names only; a head tied to the embedding keeps its own factors
-    # (and such an adapter cannot be merged, since the embedding shares the weight).
+    # (and such an adapter cannot be merged, since the embedding shares the weight). Its trainable tokens
+    # follow the tie, as the trainable_tokens plugin's do.
+    if _is_token_target(config, target_name, base_layer):
+        return tokens_plugin.tie_handler(
+            model=model, config=config.tokens_config(), target_name=target_name, base_layer=base_layer
+        )
     return []
 
 
@@ -139,6 +189,8 @@ _HANDLED = {
     "corda_config",
     "lora_ga_config",
     "runtime_config",
+    # The adapter's trainable tokens: read below.
+    "trainable_token_indices",
 }
 _REASONS = {
     "use_dora": "DoRA rescales the weight's columns by a learned magnitude, which this LoRA does not hold",
@@ -150,9 +202,13 @@ _REASONS = {
     "alora_invocation_tokens": "activated LoRA applies the update from invocation tokens on, not everywhere",
     "use_qalora": "QA-LoRA pools the input of quantized layers",
     "megatron_config": "Megatron's parallel layers are not supported",
-    "trainable_token_indices": "it should have been split off as a trainable-tokens adapter",
 }
 _FACTORS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+# PEFT keeps the rows of trainable_token_indices under <module>.token_adapter., as TRAINABLE_TOKENS keeps
+# them under <module>.: the trainable_tokens plugin reads and writes them.
+_TOKEN_ADAPTER = ".token_adapter."
+_ROWS_KEY = "trainable_tokens_delta"
+_TOKEN_ROWS = _TOKEN_ADAPTER + _ROWS_KEY
 
 
 def _factors(tensors: dict[str, torch.Tensor], r: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -203,6 +259,37 @@ def _check_modules(factors: dict[str, dict[str, torch.Tensor]], model: nn.Module
     return all(kinds)
 
 
+def _import_tokens(
+    indices: Any, tensors: dict[str, torch.Tensor], model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """The folder's token rows as the trainable_tokens plugin's states load them, checked by it."""
+    try:
+        tokens = TrainableTokensConfig(token_indices=indices)
+    except ConfigError as error:
+        raise ConfigError(f"PEFT option trainable_token_indices={indices!r}: {error}") from None
+    rows: dict[str, torch.Tensor] = {}
+    ids: dict[str, list[int]] = {}
+    for key, tensor in tensors.items():
+        module = key[: -len(_TOKEN_ROWS)]
+        given = tokens.indices_for(module)
+        if given is None:
+            raise ConfigError(
+                f"the folder holds token rows for {module}, which trainable_token_indices "
+                f"({sorted(tokens.token_indices)}) does not name"
+            )
+        rows[f"{module}.{_ROWS_KEY}"], ids[module] = tensor, given
+    if not rows:
+        raise ConfigError(f"trainable_token_indices is {indices!r}, but the folder holds no token rows")
+    as_tokens = {
+        "peft_type": "TRAINABLE_TOKENS",
+        "token_indices": indices if isinstance(indices, list) else ids,
+        "target_modules": list(ids),
+    }
+    imported = tokens_plugin.peft_import(peft_config=as_tokens, tensors=rows, model=model)
+    assert imported is not None  # a TRAINABLE_TOKENS config: the plugin always answers
+    return imported[1]
+
+
 @hookimpl
 def peft_import(
     peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None
@@ -211,7 +298,10 @@ def peft_import(
         return None
     peft_hooks.check_options(peft_config, _HANDLED, "LoRA", _REASONS)
     r, alpha, init = lora_options.peft_numbers(peft_config)
-    factors = _factors(tensors, r)
+    indices = peft_config.get("trainable_token_indices") or None
+    token_rows = {key: tensor for key, tensor in tensors.items() if key.endswith(_TOKEN_ROWS)}
+    native = _import_tokens(indices, token_rows, model) if indices is not None else {}
+    factors = _factors({key: t for key, t in tensors.items() if key not in token_rows}, r)
     fan_in_fan_out = bool(peft_config.get("fan_in_fan_out", False))
     if model is not None:
         fan_in_fan_out = _check_modules(factors, model)
@@ -224,8 +314,8 @@ def peft_import(
         use_rslora=bool(peft_config.get("use_rslora", False)),
         fan_in_fan_out=fan_in_fan_out,
         init_lora_weights=init,
+        trainable_token_indices=indices,
     )
-    native = {}
     for name in targets:
         native[f"{name}.lora_A"] = factors[name]["lora_A"].contiguous()
         native[f"{name}.lora_B"] = factors[name]["lora_B"].contiguous()
@@ -239,8 +329,17 @@ def peft_export(
     modules = dict(named_base_modules(model))
     targets: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
+    indices: dict[str, list[int] | None] = {}
     for names, state in sites:
-        name = names[0]  # ties are declined: one module per state
+        name = names[0]
+        if "trainable_tokens_rows" in state:  # the adapter's trainable tokens: PEFT's TRAINABLE_TOKENS rows
+            tokens = config.tokens_config()
+            _, rows = tokens_plugin.peft_export(model=model, config=tokens, sites=[(names, state)])
+            # PEFT gives the rows to a head tied to the input embedding itself: the target's rows only.
+            tensors[name + _TOKEN_ROWS] = rows[f"{name}.{_ROWS_KEY}"]
+            indices[name] = tokens.indices_for(name)
+            continue
+        # LoRA: ties are declined, one module per state
         tensors[f"{name}.lora_A.weight"] = state["lora_A"].clone()
         tensors[f"{name}.lora_B.weight"] = state["lora_B"].clone()
         targets.append(name)
@@ -260,4 +359,7 @@ def peft_export(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    if indices:  # a list, as PEFT reads it, is the input embedding's
+        given = config.trainable_token_indices
+        peft_config["trainable_token_indices"] = given if isinstance(given, list) else indices
     return peft_config, tensors

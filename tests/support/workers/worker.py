@@ -35,6 +35,20 @@ Commands (``op``):
   file). If it gets to the end it prints ``{"kind": "removed", "steps": [...]}``
   (each step's name and path) and exits 0. Answers the child's pid.
 - ``reap``: wait for child ``pid``; answers its exit code or signal.
+- ``fork_publishers``: fork one child per list of ``values``; each publishes the
+  small adapter filled with each of its values as a new version of ``name`` in
+  the registry at ``root`` (a folder or a URL) once every file of ``after``
+  exists, then prints ``{"kind": "published", "index": i, "published": [[version, value], ...]}``
+  and exits. Answers the children's pids.
+- ``fork_publish_loop``: fork a child that publishes an adapter of ``rows`` x
+  ``width`` floats to ``root`` over and over (values 1, 2, 3, ...), printing
+  ``{"kind": "begin"}`` and ``{"kind": "end", "version": v, "value": x}``
+  around each publish, until it is killed. Answers the child's pid.
+- ``load_listed``: until ``stop`` exists, load a random listed version of
+  ``name``; its rows must all hold one value of ``allowed`` (never a mix),
+  or the load fails with "was removed". Answers the counts and the errors.
+- ``remove_listed``: once every file of ``after`` exists, remove ``count``
+  random listed versions of ``name``, a few milliseconds apart; answers them.
 """
 
 from __future__ import annotations
@@ -221,7 +235,91 @@ def reap(pid: int) -> dict[str, Any]:
     return {"code": os.WEXITSTATUS(status)}
 
 
+def fork_publishers(root: str, name: str, values: list[list[float]], after: list[str] = ()) -> dict[str, Any]:
+    adapter_model = common.adapted(common.small_base(), "default")  # built before forking
+    children = []
+    for index, own in enumerate(values):
+        pid = os.fork()
+        if pid:
+            children.append(pid)
+            continue
+        try:  # the child: never returns into the command loop
+            wait_for(list(after))
+            registry, published = Registry(root), []
+            for value in own:
+                common.fill(adapter_model, "default", value)
+                published.append([registry.publish(adapter_model, name), value])
+            emit({"kind": "published", "index": index, "published": published})
+        except BaseException:
+            emit({"kind": "child_error", "error": traceback.format_exc()})
+            os._exit(1)
+        os._exit(0)
+    return {"children": children}
+
+
+def fork_publish_loop(root: str, name: str, rows: int, width: int) -> dict[str, Any]:
+    adapter_model = common.adapted(common.EmbeddingModel(common.SMALL_FIRST + rows, width), "default")
+    pid = os.fork()
+    if pid:
+        return {"child": pid}
+    try:  # the child: never returns into the command loop
+        registry, value = Registry(root), 0.0
+        registry.versions(name)  # the client is set up (a session, credentials) before the first "begin"
+        while True:
+            value += 1.0
+            common.fill(adapter_model, "default", value)
+            emit({"kind": "begin", "value": value})
+            version = registry.publish(adapter_model, name)
+            emit({"kind": "end", "version": version, "value": value})
+    except BaseException:
+        emit({"kind": "child_error", "error": traceback.format_exc()})
+        os._exit(1)
+
+
+def load_listed(root: str, name: str, allowed: list[float], stop: str, seed: int) -> dict[str, Any]:
+    registry, rng = Registry(root), random.Random(seed)
+    loaded, removed, errors = 0, 0, []
+    while not os.path.exists(stop) and len(errors) < 5:
+        versions = registry.versions(name)
+        if not versions:
+            time.sleep(0.01)
+            continue
+        version = rng.choice(versions)
+        try:
+            adapter_model = registry.load(common.small_base(), f"{name}@{version}")
+            value = common.value_of(adapter_model, name)  # AssertionError on a torn version
+            if value not in allowed:
+                raise AssertionError(f"{name}@{version} holds {value}, which no publisher published")
+            loaded += 1
+        except ValueError as error:
+            if "was removed" not in str(error):
+                errors.append(traceback.format_exc())
+            removed += 1
+        except Exception:
+            errors.append(traceback.format_exc())
+    return {"loaded": loaded, "removed": removed, "errors": errors}
+
+
+def remove_listed(root: str, name: str, count: int, after: list[str], seed: int) -> dict[str, Any]:
+    registry, rng, removed = Registry(root), random.Random(seed), []
+    wait_for(after)
+    while len(removed) < count:
+        versions = registry.versions(name)
+        if not versions:
+            time.sleep(0.01)
+            continue
+        version = rng.choice(versions)
+        registry.remove(f"{name}@{version}")
+        removed.append(version)
+        time.sleep(0.02)
+    return {"removed": removed}
+
+
 COMMANDS = {
+    "fork_publishers": fork_publishers,
+    "fork_publish_loop": fork_publish_loop,
+    "load_listed": load_listed,
+    "remove_listed": remove_listed,
     "save": save,
     "read": read,
     "publish": publish,

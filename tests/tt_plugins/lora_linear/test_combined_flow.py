@@ -2,10 +2,11 @@
 
 PEFT trains ``LoraConfig(target_modules=..., trainable_token_indices=[...])``
 (LoRA on the projections and new token rows, one PEFT adapter) and saves it;
-tt-adapters publishes it to a registry, loads it onto a fresh base model,
-stacks a second trainable-tokens adapter on it, serves a batch whose samples
-use the combined adapter, the stack and the base model, and merges the stack
-into a plain transformers model. Each step is checked against the step
+tt-adapters publishes it to a registry (as one adapter, as PEFT holds it),
+loads it onto a fresh base model, stacks a second trainable-tokens adapter on
+it, serves a batch whose samples use the combined adapter by its one name, the
+stack and the base model, and merges the stack into a plain transformers
+model. Each step is checked against the step
 before it, and the first against PEFT's own outputs.
 """
 
@@ -24,7 +25,7 @@ from torch import nn
 from tt_core import AdapterLayer, AdapterModel, Registry
 from tt_core.serving import BASE
 from tt_plugins.lora_linear import LoraLinearConfig, LoraLinearLayer
-from tt_plugins.trainable_tokens import TrainableTokensConfig
+from tt_plugins.trainable_tokens import TrainableTokensConfig, TrainableTokensLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -35,8 +36,8 @@ TARGETS: dict[str, Any] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
     "llama_tied": "all-linear",
 }
-COMBINED = ["combined", "combined_tokens"]  # how tt-adapters holds PEFT's one adapter: LoRA, then the rows
-STACK = [*COMBINED, "extra"]
+COMBINED = "combined"  # PEFT's one adapter: its LoRA and its rows, under one name
+STACK = [COMBINED, "extra"]
 
 
 def input_ids(rows: int = 4, seed: int = 5) -> torch.Tensor:
@@ -77,15 +78,15 @@ def by_hand(family: str, served: AdapterModel) -> nn.Module:
     embed = served.model.model.embed_tokens
     with torch.no_grad():
         weight = model.model.embed_tokens.weight  # the head's too when tied
-        for name in ("combined_tokens", "extra"):
+        for name in (COMBINED, "extra"):
             state = embed.adapters[name]
             weight[state.token_indices] = state.trainable_tokens_rows
         if family == "llama":  # an untied head keeps its own rows: PEFT's rows are the embedding's only
             assert not isinstance(served.model.lm_head, AdapterLayer)
         for name, module in served.model.named_modules():
             state = (
-                module.adapters["combined"]
-                if isinstance(module, AdapterLayer) and "combined" in module.adapters
+                module.adapters[COMBINED]
+                if isinstance(module, AdapterLayer) and COMBINED in module.adapters
                 else None
             )
             if isinstance(state, LoraLinearLayer):
@@ -122,38 +123,35 @@ def test_a_peft_trained_combined_adapter_is_served_stacked_per_sample_and_merged
         base_out = logits(build(family), {"input_ids": ids})
     assert not torch.allclose(peft_out, base_out)
 
-    # 1. Publish. One PEFT adapter is two here (LoRA, rows), so publish_folder, which takes one adapter
-    # without a model, refuses it and says how; that route publishes each adapter of the loaded folder.
+    # 1. Publish: PEFT's folder is one adapter, which publish_folder takes as it is.
     registry = Registry(tmp_path / "registry")
-    with pytest.raises(ValueError, match=r"two adapters \['default', 'default_tokens'\].*Registry\.publish"):
-        registry.publish_folder(path, "combined")
-    assert registry.names() == []
-    loaded = AdapterModel.from_pretrained(build(family), path)
-    assert loaded.active_adapters == ["default", "default_tokens"]
-    assert registry.publish(loaded, "combined", adapter="default") == 1
-    assert registry.publish(loaded, "combined_tokens", adapter="default_tokens") == 1
-    # The same files also publish with publish_folder, from tt-adapters' own save of the loaded adapters.
-    loaded.save_pretrained(tmp_path / "native")
-    assert registry.publish_folder(tmp_path / "native", "combined", adapter="default") == 2
-    assert registry.publish_folder(tmp_path / "native", "combined_tokens", adapter="default_tokens") == 2
+    assert registry.publish_folder(path, COMBINED) == 1
+    assert registry.names() == [COMBINED]
 
-    # 2. Load onto a fresh base model: PEFT's outputs.
+    # 2. Load onto a fresh base model: one adapter, PEFT's outputs.
     served = registry.load(build(family), COMBINED)
-    assert served.active_adapters == COMBINED
-    configs = served.adapter_configs
-    assert isinstance(configs["combined"], LoraLinearConfig)
-    assert (configs["combined"].r, configs["combined"].lora_alpha) == (4, 8)
-    assert isinstance(configs["combined_tokens"], TrainableTokensConfig)
-    assert configs["combined_tokens"].token_indices == TOKENS
-    lora_layers = [
-        name
+    assert served.adapters == served.active_adapters == [COMBINED]
+    config = served.adapter_configs[COMBINED]
+    assert isinstance(config, LoraLinearConfig)
+    assert (config.r, config.lora_alpha, config.trainable_token_indices) == (4, 8, TOKENS)
+    states = {
+        name: module.adapters[COMBINED]
         for name, module in served.model.named_modules()
-        if isinstance(module, AdapterLayer) and "combined" in module.adapters
-    ]
+        if isinstance(module, AdapterLayer) and COMBINED in module.adapters
+    }
+    lora_layers = [name for name, state in states.items() if isinstance(state, LoraLinearLayer)]
     assert len(lora_layers) == (5 if family == "llama" else 7)  # the list; every projection, not the head
+    rows = [name for name, state in states.items() if isinstance(state, TrainableTokensLayer)]
+    # the rows: the embedding's, and a tied head's (sharing the very same state), as in PEFT
+    assert rows == (["model.embed_tokens"] if family == "llama" else ["model.embed_tokens", "lm_head"])
     with torch.no_grad():
         combined_out = logits(served, {"input_ids": ids})
-    assert_same_math(combined_out, peft_out)
+        assert_same_math(combined_out, peft_out)
+        # set_adapter and adapter_names of its one name take its rows too
+        served.set_adapter(COMBINED)
+        assert_same_math(logits(served, {"input_ids": ids}), peft_out)
+        per_sample = served(input_ids=ids, adapter_names=[COMBINED] * len(ids)).logits
+        assert_same_math(per_sample, peft_out)
 
     # 3. Stack a second trainable-tokens adapter on it (102 is in both: the later one's row wins).
     served.add_adapter("extra", TrainableTokensConfig(token_indices=EXTRA, init_weights=False))
