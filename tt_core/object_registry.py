@@ -39,11 +39,11 @@ from typing import Any
 
 from tt_core.api.errors import ArgumentTypeError, MissingFiles, RegistryError, SavedFolderError, StorageError
 from tt_core.disk import manifest, storage
-from tt_core.disk.manifest import ADAPTER_MANIFEST, FILENAME, Manifest
+from tt_core.disk.manifest import FILENAME, Manifest
 from tt_core.disk.objectstore import ObjectStore, StoreUnreachable
 from tt_core.disk.registry_cache import ContentCache
 from tt_core.records import check_adapter_name
-from tt_core.registry import PACKAGED_VERSION, Published, Registry, parse_spec
+from tt_core.registry import Published, Registry, parse_spec
 
 RECORD_FORMAT = 1
 # Objects no record names are removed by gc() only once they are this old: a publish in flight
@@ -465,24 +465,3 @@ class ObjectRegistry(Registry):
                 path = self._version_path(name, version)
                 found.append(Published(name, version, path, "?", "", "", "broken", [], problem=problem))
         return found
-
-
-def copy_version(source: Registry, spec: str, destination: Registry) -> int:
-    """Publish ``spec`` (``name`` or ``name@version``) of ``source`` as a new version in ``destination``.
-
-    The destination gives the next number in its own history (numbers are
-    never reused there); the record keeps the description, the added tokens
-    and where it was copied from. The files are checked against their hashes
-    on the way.
-    """
-    info = source.info(spec)
-    if info.source == "broken":
-        raise RegistryError(f"{spec} cannot be read: {info.problem}")
-    saved = source._read_adapter(info)
-    entry = {key: value for key, value in saved.entry.items() if key != "path"}
-    files = dict(saved.files)
-    files[ADAPTER_MANIFEST] = (json.dumps(entry, indent=2) + "\n").encode()
-    copied = {"copied_from": f"{source.root} {info.spec}", "first_published_at": info.published_at}
-    if info.version == PACKAGED_VERSION and info.source.startswith("package"):
-        copied["copied_from"] = f"{info.source} {info.name}"
-    return destination._publish(info.name, files, entry, info.description, info.added_tokens, copied)

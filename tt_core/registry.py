@@ -318,10 +318,22 @@ class Registry:
         """Publish ``spec`` (``name`` or ``name@version``) as the next version of its name in ``destination``.
 
         Either registry may be a folder or an object store (``tt registry copy``).
+        The destination gives the next number in its own history (numbers are
+        never reused there); the record keeps the description, the added tokens
+        and where it was copied from. The files are checked against their hashes
+        on the way.
         """
-        from tt_core.object_registry import copy_version
-
-        return copy_version(self, spec, destination)
+        info = self.info(spec)
+        if info.source == "broken":
+            raise RegistryError(f"{spec} cannot be read: {info.problem}")
+        saved = self._read_adapter(info)
+        entry = {key: value for key, value in saved.entry.items() if key != "path"}
+        files = dict(saved.files)
+        files[ADAPTER_MANIFEST] = (json.dumps(entry, indent=2) + "\n").encode()
+        copied = {"copied_from": f"{self.root} {info.spec}", "first_published_at": info.published_at}
+        if info.version == PACKAGED_VERSION and info.source.startswith("package"):
+            copied["copied_from"] = f"{info.source} {info.name}"
+        return destination._publish(info.name, files, entry, info.description, info.added_tokens, copied)
 
     def _packaged(self) -> dict[str, Published]:
         found = {}
