@@ -1,7 +1,7 @@
 """Driving tests/support/workers/worker.py from a test: one process, JSON lines both ways.
 
-The same driver as test_crash_and_race.py's (which keeps its own copy until the
-tests are reorganised), with extra environment variables for the worker.
+Used by the crash-and-race tests of the local and the object-store registries; ``env``
+adds environment variables for the worker.
 """
 
 from __future__ import annotations
