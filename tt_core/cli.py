@@ -675,6 +675,12 @@ def _interrupt_once(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _unraisable(unraisable: Any) -> None:
+    """Drop a KeyboardInterrupt Python could not raise (``_program`` reports it); show anything else."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
 def _exit_interrupted(prog: str, signum: int, frame: FrameType | None) -> None:
     """After the work: an interrupt still ends ``tt`` with its one line and 130."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -694,11 +700,17 @@ def _program() -> NoReturn:
     """
     words = sys.argv[1:]
     prog = _prog(words)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored by the caller
+    handled = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not ignored by the caller
+    if handled:
         signal.signal(signal.SIGINT, _interrupt_once)
+        sys.unraisablehook = _unraisable
     try:
         status = _main(words, prog)
-        if signal.getsignal(signal.SIGINT) is _interrupt_once:
+        if handled and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # The interrupt came where Python cannot raise it (an import lock's callback, a
+            # __del__): it was dropped there and the command ran on, but Ctrl-C was pressed.
+            raise KeyboardInterrupt
+        if handled:
             signal.signal(signal.SIGINT, functools.partial(_exit_interrupted, prog))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import types
 
@@ -161,3 +162,23 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, argv, moment):
         assert err == ""  # it had finished and exited before the signal came
         return
     assert (process.returncode, err) == (130, f"{command}: interrupted\n"), out
+
+
+def test_an_interrupt_python_drops_still_ends_tt_with_its_line_and_130():
+    """Ctrl-C landing where Python cannot raise it (a __del__, an import lock's callback) is dropped there
+    with an "Exception ignored" report, and the command runs on: tt must still say it was interrupted."""
+    script = (
+        "import sys; sys.argv = ['tt', 'plugins']\n"
+        "import tt_core.cli as cli\n"
+        "class Collected:\n"
+        "    def __del__(self):\n"
+        "        cli._interrupt_once(2, None)  # the handler, run where its exception cannot propagate\n"
+        "def work(words, prog):\n"
+        "    Collected()\n"
+        "    print('the result')\n"
+        "    return 0\n"
+        "cli._main = work\n"
+        "cli._program()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "tt plugins: interrupted\n")
