@@ -12,15 +12,13 @@ those of the active stack; the token rows are compared bit for bit.
 
 from __future__ import annotations
 
-import random
-import warnings
-
 import pytest
 import torch
-from models import batch, build, logits
+from models import batch, build
 from numerics import assert_same_math
 from torch import nn
 from torch.func import functional_call
+from verb_walks import VerbWalk
 
 from tt_core import AdapterModel, AdapterState
 from tt_core.testing import effective_weights
@@ -40,21 +38,20 @@ def fold(state: AdapterState, weight: torch.Tensor) -> torch.Tensor:
     return weight + (state.scaling * state.lora_B @ state.lora_A).detach()
 
 
-class Walk:
+class Walk(VerbWalk):
+    addable = ("tokens", "combined")
+
     def __init__(self, seed: int) -> None:
-        self.random = random.Random(seed)
-        torch.manual_seed(seed)
+        super().__init__(seed)
         self.reference = build(FAMILY).eval()
         self.adapter_model = AdapterModel(build(FAMILY)).eval()
         self.inputs = batch(FAMILY, TOKEN_POOL)
-        self.count = 0
         for kind in ("combined", "tokens", "combined"):
             self.add(kind)
         self.adapter_model.set_adapter(self.adapter_model.adapters[:2])
 
     def add(self, kind: str) -> None:
-        name = f"{kind}{self.count}"
-        self.count += 1
+        name = self.new_name(kind)
         ids = self.random.sample(TOKEN_POOL, 2)
         if kind == "tokens":
             self.adapter_model.add_adapter(name, TrainableTokensConfig(token_indices=ids, init_weights=False))
@@ -71,49 +68,6 @@ class Walk:
             for key, parameter in self.adapter_model.named_parameters():
                 if key.endswith(f"{name}.trainable_tokens_rows"):
                     parameter.add_(torch.randn_like(parameter))
-
-    def step(self) -> str:
-        model = self.adapter_model
-        names = model.adapters
-        verb = self.random.choice(["add", "set_adapter", "merge", "merge", "unmerge", "delete", "disable"])
-        if verb == "add" and len(names) >= 5:
-            verb = "delete"
-        if not names or verb == "add":
-            self.add(self.random.choice(["tokens", "combined"]))
-            return "add"
-        if verb == "set_adapter":
-            stack = self.random.sample(names, self.random.randint(1, min(3, len(names))))
-            model.set_adapter(stack)
-            return f"set_adapter({stack})"
-        if verb == "merge":
-            active = model.active_adapters
-            chosen = (
-                None
-                if self.random.random() < 0.3
-                else self.random.sample(active, self.random.randint(1, len(active)))
-            )
-            merged = model.merged_adapters
-            try:
-                model.merge_adapter(chosen)
-            except ValueError:  # a merge that would reorder non-commuting adapters
-                assert model.merged_adapters == merged
-                return f"merge_adapter({chosen}) refused"
-            return f"merge_adapter({chosen})"
-        if verb == "unmerge":
-            model.unmerge_adapter()
-            return "unmerge_adapter()"
-        if verb == "delete":
-            pool = model.merged_adapters if self.random.random() < 0.3 else []
-            name = self.random.choice(pool or names)
-            model.delete_adapter(name)
-            return f"delete_adapter({name!r})"
-        merged, active = model.merged_adapters, model.active_adapters
-        with model.disable_adapter():
-            self.check_weights([])
-            with torch.no_grad():
-                assert_same_math(logits(model, self.inputs), self.expected_logits([]))
-        assert (model.merged_adapters, model.active_adapters) == (merged, active)
-        return "disable_adapter()"
 
     def folded(self, stack: list[str]) -> dict[str, torch.Tensor]:
         return effective_weights(self.adapter_model, self.reference, stack, {name: fold for name in stack})
@@ -134,28 +88,7 @@ class Walk:
                 assert torch.equal(actual[TOKEN_POOL], weight[TOKEN_POOL]), "token rows are not exact"
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
-    def check(self) -> None:
-        model = self.adapter_model
-        merged = model.merged_adapters
-        assert len(set(merged)) == len(merged), f"merged twice: {merged}"
-        assert set(merged) <= set(model.active_adapters)
-        self.check_weights(merged)
-        with torch.no_grad():
-            assert_same_math(logits(model, self.inputs), self.expected_logits(model.active_adapters))
-
 
 @pytest.mark.parametrize("seed", range(4))
 def test_merged_combined_adapters_are_in_every_weight_exactly_once(seed):
-    walk = Walk(seed)
-    walk.check()
-    done: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # switching while merged, deleting the active adapter
-        for _ in range(STEPS):
-            done.append(walk.step())
-            try:
-                walk.check()
-            except AssertionError as error:
-                raise AssertionError(f"after {done[-8:]}: {error}") from error
-    walk.adapter_model.unmerge_adapter()
-    walk.check_weights([])
+    Walk(seed).run(STEPS)
