@@ -37,12 +37,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tt_core.api.errors import ArgumentTypeError, MissingFiles, RegistryError, SavedFolderError, StorageError
+from tt_core.api.errors import MissingFiles, RegistryError, SavedFolderError, StorageError
 from tt_core.disk import manifest, storage
 from tt_core.disk.manifest import FILENAME, Manifest
 from tt_core.disk.objectstore import ObjectStore, StoreUnreachable
 from tt_core.disk.registry_cache import ContentCache
-from tt_core.records import check_adapter_name
 from tt_core.registry import Published, Registry, parse_spec
 
 RECORD_FORMAT = 1
@@ -335,19 +334,8 @@ class ObjectRegistry(Registry):
         tokens: list[dict[str, Any]],
         extra: dict[str, Any] | None = None,
     ) -> int:
-        check_adapter_name(name)
-        if not isinstance(description, str):
-            raise ArgumentTypeError(f"description must be a string, got {description!r}")
-        if name in self._packaged():
-            source = self._packaged()[name].source
-            raise RegistryError(f"{name!r} is provided read-only by {source}; publish under another name")
+        published = self._publication(name, description, tokens, extra)
         self.store.check_writable()
-        published = {
-            "description": description,
-            "published_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "added_tokens": tokens,
-            **(extra or {}),
-        }
         # The same folder a local publish writes: manifest.json and <name>/<snapshot>/<files>.
         folder = f"{name}/{storage.snapshot_name(files)}"
         document = Manifest(

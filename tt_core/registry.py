@@ -249,6 +249,23 @@ class Registry:
         tokens = added_tokens(tokenizer) if tokenizer is not None else []
         return self._publish(name, files, entry, description, tokens)
 
+    def _publication(
+        self, name: str, description: str, tokens: list[dict[str, Any]], extra: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """What a publish of ``name`` records beside the files; a name or description it refuses raises."""
+        check_adapter_name(name)
+        if not isinstance(description, str):
+            raise ArgumentTypeError(f"description must be a string, got {description!r}")
+        if name in self._packaged():
+            source = self._packaged()[name].source
+            raise RegistryError(f"{name!r} is provided read-only by {source}; publish under another name")
+        return {
+            "description": description,
+            "published_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "added_tokens": tokens,
+            **(extra or {}),
+        }
+
     def _publish(
         self,
         name: str,
@@ -258,19 +275,8 @@ class Registry:
         tokens: list[dict[str, Any]],
         extra: dict[str, Any] | None = None,
     ) -> int:
-        check_adapter_name(name)
-        if not isinstance(description, str):
-            raise ArgumentTypeError(f"description must be a string, got {description!r}")
-        if name in self._packaged():
-            source = self._packaged()[name].source
-            raise RegistryError(f"{name!r} is provided read-only by {source}; publish under another name")
+        published = self._publication(name, description, tokens, extra)
         self.root.mkdir(parents=True, exist_ok=True)
-        published = {
-            "description": description,
-            "published_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "added_tokens": tokens,
-            **(extra or {}),
-        }
         # Under the lock: the number is handed out once, and gc() knows no publish is running.
         with storage.locked(self.root):
             staging = storage.temporary_folder(self.root)
