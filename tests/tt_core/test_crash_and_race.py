@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from workers import common
-from workers.driver import TIMEOUT, Worker
+from workers.driver import TIMEOUT, started_workers
 
 from tt_core import AdapterModel
 from tt_core.disk import manifest, storage
@@ -28,19 +28,8 @@ from tt_core.registry import Registry
 
 @pytest.fixture(scope="module")
 def workers():
-    started = [Worker() for _ in range(3)]
-    try:
-        for worker in started:
-            worker.collect("ready")
+    with started_workers(3) as started:
         yield started
-        for worker in started:
-            assert not [line for line in worker.text if "Traceback" in line], "".join(worker.text)
-    finally:
-        for worker in started:
-            worker.quit()
-        for worker in started:
-            worker.close()
-    assert [worker.process.returncode for worker in started] == [0, 0, 0]
 
 
 def stray_files(root: Path) -> tuple[list[str], list[str]]:

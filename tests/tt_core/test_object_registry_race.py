@@ -15,7 +15,7 @@ import time
 
 import pytest
 from workers import common
-from workers.driver import Worker
+from workers.driver import started_workers
 
 from tt_core.registry import Registry
 
@@ -25,18 +25,8 @@ NAME = "shared"
 @pytest.fixture(scope="module")
 def workers(s3_server, tmp_path_factory):
     cache = tmp_path_factory.mktemp("worker-cache")
-    started = [Worker({"TT_REGISTRY_CACHE": str(cache)}) for _ in range(3)]
-    try:
-        for worker in started:
-            worker.collect("ready")
+    with started_workers(3, {"TT_REGISTRY_CACHE": str(cache)}) as started:
         yield started
-        for worker in started:
-            assert not [line for line in worker.text if "Traceback" in line], "".join(worker.text)
-    finally:
-        for worker in started:
-            worker.quit()
-        for worker in started:
-            worker.close()
 
 
 @pytest.fixture

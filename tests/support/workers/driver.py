@@ -6,6 +6,7 @@ adds environment variables for the worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +98,21 @@ class Worker:
                 self.process.wait()
         assert self.process.stdin is not None
         self.process.stdin.close()
+
+
+@contextlib.contextmanager
+def started_workers(count: int, env: dict[str, str] | None = None) -> Iterator[list[Worker]]:
+    """``count`` ready workers; afterwards none printed a traceback and each exited cleanly."""
+    started = [Worker(env) for _ in range(count)]
+    try:
+        for worker in started:
+            worker.collect("ready")
+        yield started
+        for worker in started:
+            assert not [line for line in worker.text if "Traceback" in line], "".join(worker.text)
+    finally:
+        for worker in started:
+            worker.quit()
+        for worker in started:
+            worker.close()
+    assert [worker.process.returncode for worker in started] == [0] * count
