@@ -12,6 +12,46 @@ from torch import nn
 from tt_core.api.errors import ConfigError
 from tt_core.tensors.targets import named_base_modules
 
+#: PEFT LoRA options both plugins read or accept (the rest of a LoraConfig is refused by name).
+PEFT_OPTIONS = frozenset(
+    {
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "init_lora_weights",
+        "bias",
+        "fan_in_fan_out",  # followed by lora_linear; PEFT turns it off for embeddings and nn.Linear
+        "lora_dropout",  # applied in training by lora_linear; no effect on a loaded adapter's outputs
+        # Which modules PEFT targets: the folder's tensors say which it adapted.
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "ensure_weight_tying",
+        # Settings of options that are off, or of initialisations refused by peft_numbers.
+        "megatron_core",
+        "qalora_group_size",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "runtime_config",
+    }
+)
+
+#: Why each option that changes what LoRA computes is refused.
+PEFT_REFUSALS = {
+    "use_dora": "DoRA rescales the weight's columns by a learned magnitude, which this LoRA does not hold",
+    "lora_bias": "a bias on LoRA's B factor is not supported",
+    "rank_pattern": "ranks that differ by module are not supported; give every module rank r",
+    "alpha_pattern": "alphas that differ by module are not supported; give every module lora_alpha",
+    "layer_replication": "it duplicates layers of the base model",
+    "target_parameters": "it adapts bare parameters (such as MoE experts), not modules",
+    "alora_invocation_tokens": "activated LoRA applies the update from invocation tokens on, not everywhere",
+    "use_qalora": "QA-LoRA pools the input of quantized layers",
+    "megatron_config": "Megatron's parallel layers are not supported",
+}
+
 
 def rank_and_alpha(r: object, lora_alpha: object) -> tuple[int, int | float]:
     """``r`` and ``lora_alpha`` as plain Python numbers (JSON holds them), or a ConfigError saying why not."""

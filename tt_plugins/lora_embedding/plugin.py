@@ -53,42 +53,8 @@ def tie_handler(
 # PEFT holds lora_A.weight (r, width) and lora_B.weight (vocabulary, r) and adds scaling * lora_B @ lora_A:
 # the same update when lora_A = B.T and lora_B = A.T.
 
-_HANDLED = {
-    "r",
-    "lora_alpha",
-    "use_rslora",
-    "init_lora_weights",
-    "bias",
-    # Which modules PEFT targets: the folder's tensors say which it adapted.
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "ensure_weight_tying",
-    # PEFT turns it off for nn.Embedding and nn.Linear, the only modules loaded here.
-    "fan_in_fan_out",
-    # Training only: no effect on the outputs of a loaded adapter.
-    "lora_dropout",
-    # Settings of options that are off, or of initialisations refused below.
-    "megatron_core",
-    "qalora_group_size",
-    "loftq_config",
-    "eva_config",
-    "corda_config",
-    "lora_ga_config",
-    "runtime_config",
-}
-_REASONS = {
-    "use_dora": "DoRA rescales the weight's columns by a learned magnitude, which this LoRA does not hold",
-    "lora_bias": "a bias on LoRA's B factor has no place here",
-    "rank_pattern": "ranks that differ by module are not supported; give every module rank r",
-    "alpha_pattern": "alphas that differ by module are not supported; give every module lora_alpha",
-    "layer_replication": "it duplicates layers of the base model",
-    "target_parameters": "it adapts parameters of other modules than embeddings",
-    "alora_invocation_tokens": "activated LoRA applies the update from invocation tokens on, not everywhere",
-    "use_qalora": "QA-LoRA pools the input of quantized layers",
-    "megatron_config": "Megatron's parallel layers are not token embeddings",
-}
+_HANDLED = lora_options.PEFT_OPTIONS
+_REASONS = lora_options.PEFT_REFUSALS
 _FACTORS = {
     "lora_embedding_A": ("embedding", "A"),
     "lora_embedding_B": ("embedding", "B"),

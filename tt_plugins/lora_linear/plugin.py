@@ -167,42 +167,8 @@ def tie_handler(
 # scaling * lora_B(lora_A(dropout(x))) to the base output: this state's lora_A and lora_B, same layout,
 # for nn.Linear and Conv1D alike (PEFT reads a Conv1D's in and out from its transposed weight).
 
-_HANDLED = {
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "use_rslora",
-    "init_lora_weights",
-    "bias",
-    "fan_in_fan_out",
-    # Which modules PEFT targets: the folder's tensors say which it adapted.
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "ensure_weight_tying",
-    # Settings of options that are off, or of initialisations refused below.
-    "megatron_core",
-    "qalora_group_size",
-    "loftq_config",
-    "eva_config",
-    "corda_config",
-    "lora_ga_config",
-    "runtime_config",
-    # The adapter's trainable tokens: read below.
-    "trainable_token_indices",
-}
-_REASONS = {
-    "use_dora": "DoRA rescales the weight's columns by a learned magnitude, which this LoRA does not hold",
-    "lora_bias": "a bias on LoRA's B factor is not supported",
-    "rank_pattern": "ranks that differ by module are not supported; give every module rank r",
-    "alpha_pattern": "alphas that differ by module are not supported; give every module lora_alpha",
-    "layer_replication": "it duplicates layers of the base model",
-    "target_parameters": "it adapts bare parameters (such as MoE experts), not linear layers",
-    "alora_invocation_tokens": "activated LoRA applies the update from invocation tokens on, not everywhere",
-    "use_qalora": "QA-LoRA pools the input of quantized layers",
-    "megatron_config": "Megatron's parallel layers are not supported",
-}
+_HANDLED = lora_options.PEFT_OPTIONS | {"trainable_token_indices"}  # the rows: read below
+_REASONS = lora_options.PEFT_REFUSALS
 _FACTORS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
 # PEFT keeps the rows of trainable_token_indices under <module>.token_adapter., as TRAINABLE_TOKENS keeps
 # them under <module>.: the trainable_tokens plugin reads and writes them.
