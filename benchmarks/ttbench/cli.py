@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from ttbench import report as reporting
+from ttbench.device import add_device_arguments, check_device, device_name
 from ttbench.measure import bench_shape, quiet, rss_and_peak, rss_worker
 from ttbench.setups import LINEAR_SETUPS, REFERENCE, STACK_SETUPS, setup_names
 from ttbench.shapes import FULL_SHAPES, QUICK_SHAPES, Shape
@@ -91,10 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also profile one step per setup and print the ops that cost more than the floor's",
     )
+    add_device_arguments(parser)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved --json run")
     parser.add_argument("--rss-worker", choices=setup_names(), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory == "rss" and args.device != "cpu":
+        parser.error("--memory rss measures host memory: use it with --device cpu")
     if args.shapes is None:
         args.shapes = [Shape.parse(spec) for spec in (QUICK_SHAPES if args.quick else FULL_SHAPES)]
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -117,7 +121,7 @@ def _load() -> str:
         return "?"
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cpu") -> dict[str, Any]:
     model = platform.processor()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -129,6 +133,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": model,
         "cpus": os.cpu_count(),
+        "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -149,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rss_worker:
         with quiet():
-            rss_worker(args.shapes[0], args.rss_worker)
+            rss_worker(args.shapes[0], args.rss_worker, args.dtype)
         return 0
+    check_device(args.device)
     setups = setups_to_run(args)
-    info = machine()
+    info = machine(args.device)
+    on = "" if args.device == "cpu" else f" on {info['device']} ({args.device})"
     print(
-        f"# {info['cpu']}, {info['cpus']} cpus, torch {info['torch']} ({info['torch_threads']} threads), "
+        f"# {info['cpu']}, {info['cpus']} cpus{on}, {args.dtype}, torch {info['torch']} "
+        f"({info['torch_threads']} threads), "
         f"transformers {info['transformers']}, peft {info['peft']}; load average {_load()}",
         flush=True,
     )

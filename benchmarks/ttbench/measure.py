@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttbench.device import DTYPES, cuda_peak_bytes, device_name, synchronize
 from ttbench.setups import REFERENCE, Setup, added_bytes, make_setup, train_step, trainable_bytes
 from ttbench.shapes import INFERENCE_TOKENS, Shape, build_base_model, make_input_ids
 
@@ -34,10 +35,13 @@ ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "bench_trainable_tokens.
 
 
 # --------------------------------------------------------------------- timing
-def timed(function: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
+def timed(function: Callable[[], Any], device: str = "cpu") -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call; on cuda, from an idle device until the
+    call's kernels are done."""
+    synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     function()
+    synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -51,7 +55,7 @@ def round_order(names: list[str], round_index: int) -> list[str]:
 
 
 def alternate(
-    jobs: Mapping[str, Callable[[], Any]], rounds: int, collect: bool = False
+    jobs: Mapping[str, Callable[[], Any]], rounds: int, collect: bool = False, device: str = "cpu"
 ) -> dict[str, dict[str, Any]]:
     """Time every job once per round, in a balanced order; medians of wall and CPU time."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
@@ -59,7 +63,7 @@ def alternate(
         for name in round_order(list(jobs), round_index):
             if collect:
                 gc.collect()  # outside the timed call: no collector pause lands inside a step
-            samples[name].append(timed(jobs[name]))
+            samples[name].append(timed(jobs[name], device))
     return {
         name: {
             "wall_s": [wall for wall, _ in times],
@@ -71,7 +75,9 @@ def alternate(
     }
 
 
-def paired(reference: Callable[[], Any], job: Callable[[], Any], pairs: int) -> dict[str, Any]:
+def paired(
+    reference: Callable[[], Any], job: Callable[[], Any], pairs: int, device: str = "cpu"
+) -> dict[str, Any]:
     """``job`` against ``reference`` timed back to back, ``pairs`` times (which goes first alternates).
 
     Both calls of a pair share one moment of a noisy machine (a neighbour's
@@ -82,22 +88,26 @@ def paired(reference: Callable[[], Any], job: Callable[[], Any], pairs: int) -> 
     ratios: list[float] = []
     for index in range(pairs):
         if index % 2:
-            job_cpu, reference_cpu = timed(job)[1], timed(reference)[1]
+            job_cpu, reference_cpu = timed(job, device)[1], timed(reference, device)[1]
         else:
-            reference_cpu, job_cpu = timed(reference)[1], timed(job)[1]
+            reference_cpu, job_cpu = timed(reference, device)[1], timed(job, device)[1]
         ratios.append(job_cpu / max(reference_cpu, 1e-9))
     return {"cpu_ratios": ratios, "median_cpu_ratio": statistics.median(ratios)}
 
 
 # ------------------------------------------------------- memory and profiling
-def profiled_peak_bytes(function: Callable[[], Any]) -> int:
-    """Peak, over the call, of torch's live CPU allocations above those live before it.
+def profiled_peak_bytes(function: Callable[[], Any], device: str = "cpu") -> int:
+    """Peak, over the call, of torch's live allocations above those live before it.
 
-    Counted from the allocator's alloc/free events (``profile_memory``), so it
-    sees every tensor, is not blurred by malloc caching, and ignores the other
-    setups living in the same process.
+    On the CPU, counted from the allocator's alloc/free events (``profile_memory``),
+    so it sees every tensor, is not blurred by malloc caching, and ignores the
+    other setups living in the same process. On cuda, ``torch.cuda.max_memory_allocated``
+    over the call, less what was allocated before it.
     """
     from torch.profiler import ProfilerActivity, profile
+
+    if device == "cuda":
+        return cuda_peak_bytes(function)
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         function()
@@ -113,15 +123,22 @@ def profiled_peak_bytes(function: Callable[[], Any]) -> int:
     return peak
 
 
-def op_times(function: Callable[[], Any], calls: int) -> dict[str, float]:
-    """Self CPU seconds per call of each aten op (by name and input shapes), from the profiler."""
+def op_times(function: Callable[[], Any], calls: int, device: str = "cpu") -> dict[str, float]:
+    """Self seconds per call of each aten op (by name and input shapes), from the profiler:
+    CPU time on the CPU, the time of the op's kernels on cuda."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(calls):
             function()
+        synchronize(device)
     return {
-        f"{event.key} {event.input_shapes}": event.self_cpu_time_total / 1e6 / calls
+        f"{event.key} {event.input_shapes}": (
+            event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+        )
+        / 1e6
+        / calls
         for event in prof.key_averages(group_by_input_shape=True)
     }
 
@@ -186,15 +203,22 @@ def quiet() -> Iterator[None]:
 def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement of one shape for the named setups (``floor`` among them: the reference).
 
-    ``args`` gives ``repeats``, ``infer_seconds``, ``paired_seconds``, ``profile``, ``memory`` and
-    ``threads``.
+    ``args`` gives ``repeats``, ``infer_seconds``, ``paired_seconds``, ``profile``, ``memory``,
+    ``threads``, ``device`` and ``dtype``.
     """
     started = time.perf_counter()
-    base = build_base_model(shape)
-    train_ids = make_input_ids(shape, shape.batch, shape.seq, seed=1)
-    infer_ids = make_input_ids(shape, 1, INFERENCE_TOKENS, seed=2)
+    device = args.device
+    base = build_base_model(shape, device=device, dtype=DTYPES[args.dtype])
+    train_ids = make_input_ids(shape, shape.batch, shape.seq, seed=1).to(device)
+    infer_ids = make_input_ids(shape, 1, INFERENCE_TOKENS, seed=2).to(device)
     built = {name: make_setup(name, base, shape) for name in setups}
-    result: dict[str, Any] = {"shape": shape.label, **dataclasses.asdict(shape), "setups": {}}
+    result: dict[str, Any] = {
+        "shape": shape.label,
+        **dataclasses.asdict(shape),
+        "device": device_name(device),
+        "dtype": args.dtype,
+        "setups": {},
+    }
     for name, setup in built.items():
         result["setups"][name] = {
             "added_bytes": added_bytes(setup, base),
@@ -211,10 +235,11 @@ def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> di
         setup.model.train()
     for name, setup in built.items():
         entry = result["setups"][name]
-        entry["first_step_peak_bytes"] = profiled_peak_bytes(functools.partial(train_step, setup, train_ids))
+        step = functools.partial(train_step, setup, train_ids)
+        entry["first_step_peak_bytes"] = profiled_peak_bytes(step, device)
         entry["memory_bytes"] = entry["added_bytes"] + entry["first_step_peak_bytes"]
     train_jobs = {name: functools.partial(train_step, setup, train_ids) for name, setup in built.items()}
-    train = alternate(train_jobs, args.repeats, collect=True)
+    train = alternate(train_jobs, args.repeats, collect=True, device=device)
     for name, timing in train.items():
         result["setups"][name]["train"] = timing
         built[name].optimizer = None
@@ -225,10 +250,10 @@ def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> di
     with torch.no_grad():
         for model in infer_jobs.models:
             model.eval()
-        warm_up = alternate(infer_jobs.calls, 1)
+        warm_up = alternate(infer_jobs.calls, 1, device=device)
         round_s = sum(timing["median_s"] for timing in warm_up.values())
         rounds = max(5, min(200, int(args.infer_seconds / max(round_s, 1e-6))))
-        result["inference"] = alternate(infer_jobs.calls, rounds)
+        result["inference"] = alternate(infer_jobs.calls, rounds, device=device)
         if args.paired_seconds:
             # Each setup back to back with the base model, for as many pairs as fit (5 to 400).
             result["inference_paired"] = {}
@@ -238,7 +263,7 @@ def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> di
                     continue
                 pair_s = base_s + result["inference"][name]["median_s"]
                 pairs = max(5, min(400, int(args.paired_seconds / max(pair_s, 1e-6))))
-                result["inference_paired"][name] = paired(infer_jobs.calls["base"], call, pairs)
+                result["inference_paired"][name] = paired(infer_jobs.calls["base"], call, pairs, device)
 
     # Checkpoints.
     for name, setup in built.items():
@@ -252,7 +277,7 @@ def bench_shape(shape: Shape, setups: list[str], args: argparse.Namespace) -> di
     result["expected_checkpoint_data_bytes"] = shape.rows * shape.width * 4
 
     if args.profile:
-        result["profile"] = profile_shape(built, base, train_ids, infer_ids)
+        result["profile"] = profile_shape(built, base, train_ids, infer_ids, device)
 
     if args.memory == "rss":
         for name in setups:
@@ -283,25 +308,29 @@ def inference_jobs(built: dict[str, Setup], base: nn.Module, input_ids: torch.Te
 
 
 def profile_shape(
-    built: dict[str, Setup], base: nn.Module, train_ids: torch.Tensor, infer_ids: torch.Tensor
+    built: dict[str, Setup],
+    base: nn.Module,
+    train_ids: torch.Tensor,
+    infer_ids: torch.Tensor,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Where each setup spends time beyond the floor (training) and the base model (inference).
 
-    Per op (name and input shapes): the least self CPU time over three profiled
-    calls, so that noise does not pass for work.
+    Per op (name and input shapes): the least self time (CPU time; on cuda, the
+    op's kernel time) over three profiled calls, so that noise does not pass for work.
     """
     found: dict[str, Any] = {}
     for setup in built.values():
         setup.model.train()
     train = {
-        name: [op_times(functools.partial(train_step, setup, train_ids), 1) for _ in range(3)]
+        name: [op_times(functools.partial(train_step, setup, train_ids), 1, device) for _ in range(3)]
         for name, setup in built.items()
     }
     jobs = inference_jobs(built, base, infer_ids)
     with torch.no_grad():
         for model in jobs.models:
             model.eval()
-        infer = {name: [op_times(call, 3) for _ in range(3)] for name, call in jobs.calls.items()}
+        infer = {name: [op_times(call, 3, device) for _ in range(3)] for name, call in jobs.calls.items()}
     for phase, runs, reference in (("train", train, REFERENCE), ("inference", infer, "base")):
         least = {
             name: {op: min(run.get(op, 0.0) for run in samples) for op in set().union(*samples)}
@@ -322,7 +351,7 @@ def profile_shape(
 # ------------------------------------------------------------------------ RSS
 def rss_in_subprocess(shape: Shape, setup: str, args: argparse.Namespace) -> int | None:
     command = [sys.executable, str(ENTRY_SCRIPT), "--rss-worker", setup, "--shapes", shape.label]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--dtype", args.dtype]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -331,9 +360,9 @@ def rss_in_subprocess(shape: Shape, setup: str, args: argparse.Namespace) -> int
     return int(json.loads(lines[-1])["rss_peak_bytes"])
 
 
-def rss_worker(shape: Shape, setup_name: str) -> None:
-    """In a fresh process: peak RSS of one setup's first training step over the built model."""
-    base = build_base_model(shape)
+def rss_worker(shape: Shape, setup_name: str, dtype: str = "float32") -> None:
+    """In a fresh process: peak RSS of one setup's first training step over the built model (CPU)."""
+    base = build_base_model(shape, dtype=DTYPES[dtype])
     train_ids = make_input_ids(shape, shape.batch, shape.seq, seed=1)
     gc.collect()
     reset = clear_rss_peak()

@@ -290,7 +290,9 @@ def _profile_lines(results: list[dict[str, Any]]) -> list[str]:
 
 def report(results: list[dict[str, Any]]) -> str:
     """All tables of a run's per-shape results (and the profiles, where measured)."""
-    lines = _train_table(results)
+    where = list(dict.fromkeys(f"{r['device']}, {r['dtype']}" for r in results if "device" in r))
+    lines = [f"Measured on: {'; '.join(where)}"] if where else []
+    lines += _train_table(results)
     lines += _memory_table(results)
     lines += _inference_table(results)
     lines += _checkpoint_table(results)

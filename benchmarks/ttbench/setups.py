@@ -92,7 +92,8 @@ def make_setup(name: str, base: nn.Module, shape: Shape) -> Setup:
 def floor_setup(model: nn.Module, shape: Shape) -> Setup:
     """The frozen base; the only trainable parameter is a zero bias on the embedding output."""
     embedding: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
-    bias = nn.Parameter(torch.zeros(shape.width))
+    weight: torch.Tensor = embedding.weight  # type: ignore[assignment]
+    bias = nn.Parameter(torch.zeros(shape.width, device=weight.device, dtype=weight.dtype))
     embedding.register_forward_hook(lambda _module, _args, output: output + bias)
     model.floor_bias = bias  # keeps it alive with the model
     return Setup("floor", model, [bias], None)

@@ -80,9 +80,12 @@ class Shape:
         return list(range(self.vocab - self.rows, self.vocab))
 
 
-def build_base_model(shape: Shape, seed: int = 0) -> nn.Module:
-    """A frozen random 2-layer Llama, fp32. Built on meta, then filled: transformers' own
-    init takes 9-15 s at 128k x 1024 on 2 cores; this takes about one second."""
+def build_base_model(
+    shape: Shape, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A frozen random 2-layer Llama on ``device``, in ``dtype`` (default fp32). Built on meta,
+    then filled in place on the device: transformers' own init takes 9-15 s at 128k x 1024 on 2
+    cores; this takes about one second."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = transformers.LlamaConfig(
@@ -98,16 +101,20 @@ def build_base_model(shape: Shape, seed: int = 0) -> nn.Module:
     )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     model.tie_weights()  # to_empty gives a tied parameter one new tensor per module
     torch.manual_seed(seed)
+    if device != "cpu":
+        torch.cuda.manual_seed_all(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
                 parameter.fill_(1.0)
             else:
                 parameter.normal_(0.0, 0.02)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers were left empty on meta
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its buffers were left empty on meta
+    if dtype != torch.float32:
+        model.to(dtype)
     model.requires_grad_(False)
     if shape.tied != (model.lm_head.weight is model.get_input_embeddings().weight):
         raise RuntimeError(f"{shape.label}: the model's tie is not what the shape asks for")
