@@ -1,8 +1,11 @@
 """Per-sample adapters (``adapter_names=``): one mixed batch against the base model and against groups.
 
-One batch of ``--samples`` samples spread evenly over ``--adapters`` adapters
-(trainable tokens, k rows each; or, with ``--mix``, half of them LoRA r=8 on
-the embedding), on the benchmark's random Llama. Timed, inference, no grad:
+One batch (the shape's batch x seq) spread evenly over ``--adapters`` adapters
+(trainable tokens, k rows each; or, with ``--mix``, half of them or all LoRA r=8 on
+the embedding), on the benchmark's random Llama; ``--adapters 1,8,64`` (the
+default) measures each count in turn. A batch smaller than the adapter count
+grows to one sample per adapter (32 x 128 over 64 adapters runs 64 x 128), so
+that every adapter is in the batch. Timed, inference, no grad:
 
 * ``base``: the base model's forward on the whole batch (no adapter layer);
 * ``mixed``: the same batch with ``adapter_names=`` (one stack per sample);
@@ -13,26 +16,35 @@ the embedding), on the benchmark's random Llama. Timed, inference, no grad:
 and the same three for ``generate`` of ``--new-tokens`` tokens (greedy).
 Memory: the bytes of tensors each trainable-tokens adapter adds.
 
-Run from benchmarks/: ``python -m ttbench.per_sample --shape v128k-d1024-tied-k16-b32x64``.
+Run from benchmarks/: ``python -m ttbench.per_sample --shape v128k-d1024-tied-k16-b32x64``;
+``--quick`` is a small CPU run; ``--device cuda --dtype bfloat16`` runs on a GPU.
+It prints one table row per adapter count; ``--json`` writes every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ttbench.device import DTYPES, add_device_arguments, check_device, device_name, synchronize
 from ttbench.setups import sharing_copy
 from ttbench.shapes import Shape, build_base_model
 
 LORA_RANK = 8
+DEFAULT_SHAPE = "v128k-d1024-tied-k16-b32x64"
+DEFAULT_ADAPTERS = "1,8,64"
+#: --quick: a small CPU run (about 15 s on 2 cores).
+QUICK = {"shape": "v32k-d256-tied-k16-b8x16", "adapters": "1,8", "new_tokens": 8, "repeats": 2}
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -75,7 +87,7 @@ def build_served(base: nn.Module, shape: Shape, adapters: int, mix: str) -> tupl
     return served, names, grown
 
 
-def timed(jobs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def timed(jobs: dict[str, Callable[[], Any]], repeats: int, device: str = "cpu") -> dict[str, float]:
     """Median seconds of each job; the jobs alternate within each round, after one warm-up each."""
     for job in jobs.values():
         job()
@@ -83,12 +95,10 @@ def timed(jobs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     for round_index in range(repeats):
         order = list(jobs) if round_index % 2 == 0 else list(reversed(jobs))
         for name in order:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             jobs[name]()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -100,9 +110,13 @@ def run(
     new_tokens: int = 32,
     repeats: int = 5,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Every measurement for one shape; ``shape.batch`` samples, ``shape.seq`` prompt tokens each."""
-    base = build_base_model(shape).to(device)
+    """Every measurement for one shape; ``shape.batch`` samples (at least one per adapter),
+    ``shape.seq`` prompt tokens each."""
+    if adapters > shape.batch:
+        shape = dataclasses.replace(shape, batch=adapters)
+    base = build_base_model(shape, device=device, dtype=DTYPES[dtype])
     base.eval()
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
@@ -122,7 +136,7 @@ def run(
     if shape.batch % adapters:
         raise ValueError(f"{shape.batch} samples do not spread evenly over {adapters} adapters")
     if mix == "lora":
-        peft_times = _peft_times(base, input_ids, adapters, per_group, options, repeats)
+        peft_times = _peft_times(base, input_ids, adapters, per_group, options, repeats, device)
 
     served, names, grown = build_served(base, shape, adapters, mix)
     adapter_names = [names[sample // per_group] for sample in range(shape.batch)]
@@ -143,14 +157,15 @@ def run(
         "groups_generate": lambda: groups(lambda **kw: served.generate(**kw, **options)),
     }
     with torch.no_grad():
-        times = {**timed(jobs, repeats), **peft_times}
+        times = {**timed(jobs, repeats, device), **peft_times}
     result: dict[str, Any] = {
         "shape": shape.label,
         "adapters": adapters,
         "mix": mix,
         "samples": shape.batch,
         "new_tokens": new_tokens,
-        "device": device,
+        "device": device_name(device),
+        "dtype": dtype,
         "seconds": times,
         "ratios": {
             "mixed/base forward": times["mixed_forward"] / times["base_forward"],
@@ -174,6 +189,7 @@ def _peft_times(
     per_group: int,
     options: dict[str, Any],
     repeats: int,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """PEFT's own mixed batch (LoRA on the embedding), on a copy of the module tree sharing the weights."""
     import peft
@@ -194,20 +210,96 @@ def _peft_times(
         "peft_generate": lambda: model.generate(input_ids=input_ids, adapter_names=names, **options),
     }
     with torch.no_grad():
-        return timed(jobs, repeats)
+        return timed(jobs, repeats, device)
+
+
+def _count_list(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give adapter counts as positive integers, e.g. 1,8,64")
+    return counts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a small CPU run: {QUICK['shape']}, adapters {QUICK['adapters']}, "
+        f"{QUICK['new_tokens']} new tokens, {QUICK['repeats']} rounds (each option given still wins)",
+    )
+    parser.add_argument("--shape", type=Shape.parse, help=f"default {DEFAULT_SHAPE}")
+    parser.add_argument(
+        "--adapters",
+        type=_count_list,
+        help=f"comma-separated adapter counts, each run in turn (default {DEFAULT_ADAPTERS})",
+    )
+    parser.add_argument("--mix", choices=["tt", "tt+lora", "lora"], default="tt")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated (default 32)")
+    parser.add_argument("--repeats", type=int, help="timed rounds after a warm-up (default 5)")
+    add_device_arguments(parser)
+    parser.add_argument("--json", type=Path, help="write the results (a list, one per adapter count) here")
+    args = parser.parse_args(argv)
+    defaults = (
+        QUICK
+        if args.quick
+        else {"shape": DEFAULT_SHAPE, "adapters": DEFAULT_ADAPTERS, "new_tokens": 32, "repeats": 5}
+    )
+    args.shape = args.shape or Shape.parse(str(defaults["shape"]))
+    args.adapters = args.adapters or _count_list(str(defaults["adapters"]))
+    args.new_tokens = args.new_tokens or int(defaults["new_tokens"])
+    args.repeats = args.repeats or int(defaults["repeats"])
+    return args
+
+
+def _ratio(result: dict[str, Any], key: str) -> str:
+    value = result["ratios"].get(key)
+    return "-" if value is None else f"{value:.3f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """One markdown row per run: the base model's times, and each way of serving over the base."""
+    head = [
+        "shape",
+        "device",
+        "dtype",
+        "mix",
+        "adapters",
+        "samples",
+        "base fwd ms",
+        "mixed/base fwd",
+        "groups/base fwd",
+        "peft/base fwd",
+        "base gen s",
+        "mixed/base gen",
+        "groups/base gen",
+        "peft/base gen",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        seconds = r["seconds"]
+        row = [r["shape"], r["device"], r["dtype"], r["mix"], str(r["adapters"]), str(r["samples"])]
+        row += [f"{1e3 * seconds['base_forward']:.1f}"]
+        row += [_ratio(r, f"{way}/base forward") for way in ("mixed", "groups", "peft")]
+        row += [f"{seconds['base_generate']:.3f}"]
+        row += [_ratio(r, f"{way}/base generate") for way in ("mixed", "groups", "peft")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=Shape.parse, default=Shape.parse("v128k-d1024-tied-k16-b32x64"))
-    parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--mix", choices=["tt", "tt+lora", "lora"], default="tt")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    result = run(args.shape, args.adapters, args.mix, args.new_tokens, args.repeats, args.device)
-    print(json.dumps(result, indent=2))
+    args = parse_args(argv)
+    check_device(args.device)
+    results = [
+        run(args.shape, count, args.mix, args.new_tokens, args.repeats, args.device, args.dtype)
+        for count in args.adapters
+    ]
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
