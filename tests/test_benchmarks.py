@@ -229,3 +229,103 @@ def test_the_linear_setups_run_beside_peft_on_a_tiny_shape(ttbench, tmp_path, ca
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert len(cells) == 11 and all(cell not in {"", "-"} for cell in cells)
     assert float(cells[2]) > 0 and float(cells[6]) > 0 and float(cells[9]) > 0
+
+
+def test_a_bfloat16_run_of_the_stack_of_four_beside_the_floor(ttbench, tmp_path, capsys):
+    """``--dtype bfloat16``: the base in bf16, the stack [tt, LoRA, tt, LoRA] trained beside the floor."""
+    cli, _ = ttbench
+    out = tmp_path / "bf16.json"
+    argv = ["--shapes", SHAPES[0], "--setups", "tt,stack4", "--repeats", "2", "--infer-seconds", "0.05"]
+    assert cli.main([*argv, "--device", "cpu", "--dtype", "bfloat16", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (result,) = json.loads(out.read_text())["results"]
+    assert (result["device"], result["dtype"]) == ("cpu", "bfloat16")
+    assert list(result["setups"]) == ["floor", "tt", "stack4"]
+    assert all(entry["train"]["median_s"] > 0 for entry in result["setups"].values())
+    assert "Measured on: cpu, bfloat16" in printed and f"| {SHAPES[0]} | stack4 |" in printed
+    assert ", bfloat16, torch " in printed.splitlines()[0]
+
+
+def test_the_device_and_dtype_flags_parse(ttbench):
+    cli, _ = ttbench
+    args = cli.parse_args(["--quick", "--device", "cuda", "--dtype", "float16"])
+    assert (args.device, args.dtype) == ("cuda", "float16")
+    assert (cli.parse_args([]).device, cli.parse_args([]).dtype) == ("cpu", "float32")  # as before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without a GPU")
+@pytest.mark.parametrize("command", ["main", "per_sample", "decode"])
+def test_device_cuda_without_a_gpu_is_one_clear_line(ttbench, capfd, command):
+    cli, _ = ttbench
+    from ttbench import decode, per_sample
+
+    main = {"main": cli.main, "per_sample": per_sample.main, "decode": decode.main}[command]
+    with pytest.raises(SystemExit) as done:
+        main(["--device", "cuda", "--dtype", "bfloat16"])
+    assert done.value.code == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("error: --device cuda: no CUDA device is available to torch ")
+    assert "use --device cpu" in err
+
+
+def test_the_rss_cross_check_is_refused_on_cuda(ttbench, capsys):
+    cli, _ = ttbench
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cuda", "--memory", "rss"])
+    assert "--memory rss measures host memory: use it with --device cpu" in capsys.readouterr().err
+
+
+DECODE_HEAD = [
+    "shape",
+    "device",
+    "dtype",
+    "setup",
+    "decode ms",
+    "ms / token",
+    "over base, same mode",
+    "over base eager",
+    "graphs compiled",
+    "recompiles timed",
+    "tokens = eager",
+]
+
+
+def test_compiled_against_eager_decode_reports_every_setup(ttbench, tmp_path, capsys):
+    """Greedy decode, eager and compiled (dynamo's 'eager' backend: tracing without inductor's
+    build time), for the base model and one unmerged trainable-tokens adapter."""
+    from ttbench import decode
+
+    out = tmp_path / "decode.json"
+    argv = ["--shape", "v512-d32-tied-k4-b1x8", "--new-tokens", "3", "--repeats", "2", "--backend", "eager"]
+    assert decode.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [cell.strip() for cell in printed[0].strip("|").split("|")] == DECODE_HEAD
+    rows = {row[3]: row for row in ([c.strip() for c in line.strip("|").split("|")] for line in printed[2:])}
+    assert list(rows) == ["base eager", "base compiled default", "tt eager", "tt compiled default"]
+    for name in ["base eager", "base compiled default", "tt eager"]:
+        row = rows[name]
+        assert float(row[4]) > 0 and float(row[6]) > 0 and row[10] == "yes", row
+    assert rows["base compiled default"][6] == "1.000" and rows["base compiled default"][8] == "1"
+    assert rows["base compiled default"][9] == "0"  # the per-token graph, compiled once, reused
+    # The adapter either compiles (then it is timed like the base) or is reported failed in one line.
+    adapter = rows["tt compiled default"]
+    assert float(adapter[4]) > 0 if not adapter[4].startswith("failed: ") else adapter[5:] == ["-"] * 6
+    result = json.loads(out.read_text())
+    assert (result["device"], result["dtype"], result["new_tokens"]) == ("cpu", "float32", 3)
+    for entry in result["setups"].values():
+        assert ("failed" in entry) != ("median_s" in entry)
+        assert "failed" not in entry or "\n" not in entry["failed"]
+    assert len(result["setups"]["base eager"]["decode_s"]) == 2
+
+
+def test_the_decode_benchmark_refuses_cuda_graphs_on_the_cpu(ttbench, capsys):
+    from ttbench import decode
+
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--modes", "default,reduce-overhead"])
+    assert "reduce-overhead records CUDA graphs: use it with --device cuda" in capsys.readouterr().err
+    assert decode.parse_args(["--device", "cuda", "--modes", "default,reduce-overhead"]).modes == [
+        "default",
+        "reduce-overhead",
+    ]

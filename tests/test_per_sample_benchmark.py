@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -31,5 +32,36 @@ def test_the_per_sample_benchmark_runs_on_a_tiny_shape(monkeypatch, mix, capfd):
         warnings.simplefilter("always")
         assert per_sample.main([*argv, "--mix", mix]) == 0
     out, err = capfd.readouterr()  # what the process wrote, C++ logging included
-    assert '"mixed/base forward"' in out
-    assert (err, [str(warning.message) for warning in caught]) == ("", [])  # the JSON and nothing else
+    assert out.startswith(
+        "| shape | device | dtype | mix | adapters | samples | base fwd ms | mixed/base fwd |"
+    )
+    assert f"| v512-d32-tied-k4-b4x4 | cpu | float32 | {mix} | 2 | 4 |" in out
+    assert (err, [str(warning.message) for warning in caught]) == ("", [])  # the table and nothing else
+
+
+def test_the_per_sample_benchmark_runs_each_adapter_count_in_bfloat16(monkeypatch, tmp_path, capsys):
+    """``--adapters 1,4`` on a batch of 2: one row per count; the batch grows to one sample per adapter."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from ttbench import per_sample
+
+    out = tmp_path / "per_sample.json"
+    argv = ["--shape", "v512-d32-tied-k4-b2x4", "--adapters", "1,4", "--new-tokens", "2", "--repeats", "1"]
+    assert per_sample.main([*argv, "--dtype", "bfloat16", "--json", str(out)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| v512")]
+    results = json.loads(out.read_text())
+    assert [(r["adapters"], r["samples"], r["dtype"]) for r in results] == [
+        (1, 2, "bfloat16"),
+        (4, 4, "bfloat16"),
+    ]
+    assert len(rows) == 2 and all(value > 0 for r in results for value in r["seconds"].values())
+
+
+def test_the_per_sample_defaults_are_one_eight_and_sixty_four_adapters(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from ttbench import per_sample
+
+    default, quick = per_sample.parse_args([]), per_sample.parse_args(["--quick"])
+    assert (default.adapters, default.device, default.dtype) == ([1, 8, 64], "cpu", "float32")
+    assert quick.adapters == [1, 8] and quick.shape.vocab == 32_000
+    with pytest.raises(SystemExit):
+        per_sample.parse_args(["--adapters", "0,8"])
