@@ -55,7 +55,7 @@ from ttbench.shapes import Shape, build_base_model, make_input_ids
 
 DEFAULT_SHAPE = "v128k-d4096-tied-k16-b1x32"  # the issue's: the Llama-3-8B head, 1 x 32 prompt
 #: --quick: a small CPU run.
-QUICK = {"shape": "v32k-d256-tied-k16-b1x32", "new_tokens": 16, "repeats": 3}
+QUICK: dict[str, Any] = {"shape": "v32k-d256-tied-k16-b1x32", "new_tokens": 16, "repeats": 3}
 LORA_RANK = 8
 WARM_UPS = 3  # decodes before timing: compilation, then CUDA-graph recording
 
@@ -177,13 +177,14 @@ def run(
         for index in range(new_tokens - 1)
     ]
     keyword = cache_keyword(base)
+    config: Any = base.config
 
     decoders: list[Decoder] = []
     failed: dict[str, tuple[str, str, str]] = {}  # name: (model, mode, reason)
     for model_name, model in (("base", base), ("adapter", adapter_model)):
         for mode in ["eager", *modes]:
             name = setup_name(model_name, mode)
-            cache = StaticCache(config=base.config, max_cache_len=shape.seq + new_tokens)
+            cache = StaticCache(config=config, max_cache_len=shape.seq + new_tokens)
             if mode == "eager":
                 step: Callable[..., Any] = model
             else:
@@ -211,7 +212,7 @@ def run(
         warnings.simplefilter("ignore")
         running = []
         for decoder in decoders:
-            graphs = unique_graphs()
+            graphs_before = unique_graphs()
             started = time.perf_counter()
             try:
                 for _ in range(WARM_UPS):
@@ -224,26 +225,25 @@ def run(
                 "model": decoder.model,
                 "mode": decoder.mode,
                 "warm_up_s": time.perf_counter() - started,
-                "graphs_compiled": unique_graphs() - graphs,
+                "graphs_compiled": unique_graphs() - graphs_before,
             }
             running.append(decoder)
         times: dict[str, list[float]] = {decoder.name: [] for decoder in running}
-        graphs = {decoder.name: 0 for decoder in running}
+        recompiles = {decoder.name: 0 for decoder in running}
         for round_index in range(repeats):
-            order = running if round_index % 2 == 0 else running[::-1]
-            for decoder in order:
+            for decoder in running if round_index % 2 == 0 else running[::-1]:
                 before = unique_graphs()
                 synchronize(device)
                 started = time.perf_counter()
                 greedy(decoder, input_ids, positions, keyword)
                 synchronize(device)
                 times[decoder.name].append(time.perf_counter() - started)
-                graphs[decoder.name] += unique_graphs() - before
+                recompiles[decoder.name] += unique_graphs() - before
     for decoder in running:
         entry = result["setups"][decoder.name]
         entry["decode_s"] = times[decoder.name]
         entry["median_s"] = statistics.median(times[decoder.name])
-        entry["recompiles_timed"] = graphs[decoder.name]
+        entry["recompiles_timed"] = recompiles[decoder.name]
         eager = tokens.get(setup_name(decoder.model, "eager"))
         entry["same_tokens_as_eager"] = eager is not None and bool(torch.equal(tokens[decoder.name], eager))
     for name, (model_name, mode, reason) in failed.items():
@@ -328,9 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_arguments(parser)
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
-    args.shape = args.shape or Shape.parse(str(QUICK["shape"] if args.quick else DEFAULT_SHAPE))
-    args.new_tokens = args.new_tokens or int(QUICK["new_tokens"] if args.quick else 32)
-    args.repeats = args.repeats or int(QUICK["repeats"] if args.quick else 10)
+    args.shape = args.shape or Shape.parse(QUICK["shape"] if args.quick else DEFAULT_SHAPE)
+    args.new_tokens = args.new_tokens or (QUICK["new_tokens"] if args.quick else 32)
+    args.repeats = args.repeats or (QUICK["repeats"] if args.quick else 10)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the prompt's token, then the decoded ones)")
     if args.modes and "reduce-overhead" in args.modes and args.device != "cuda":

@@ -43,8 +43,19 @@ from ttbench.shapes import Shape, build_base_model
 LORA_RANK = 8
 DEFAULT_SHAPE = "v128k-d1024-tied-k16-b32x64"
 DEFAULT_ADAPTERS = "1,8,64"
+DEFAULTS: dict[str, Any] = {
+    "shape": DEFAULT_SHAPE,
+    "adapters": DEFAULT_ADAPTERS,
+    "new_tokens": 32,
+    "repeats": 5,
+}
 #: --quick: a small CPU run (about 15 s on 2 cores).
-QUICK = {"shape": "v32k-d256-tied-k16-b8x16", "adapters": "1,8", "new_tokens": 8, "repeats": 2}
+QUICK: dict[str, Any] = {
+    "shape": "v32k-d256-tied-k16-b8x16",
+    "adapters": "1,8",
+    "new_tokens": 8,
+    "repeats": 2,
+}
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -243,15 +254,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_arguments(parser)
     parser.add_argument("--json", type=Path, help="write the results (a list, one per adapter count) here")
     args = parser.parse_args(argv)
-    defaults = (
-        QUICK
-        if args.quick
-        else {"shape": DEFAULT_SHAPE, "adapters": DEFAULT_ADAPTERS, "new_tokens": 32, "repeats": 5}
-    )
-    args.shape = args.shape or Shape.parse(str(defaults["shape"]))
-    args.adapters = args.adapters or _count_list(str(defaults["adapters"]))
-    args.new_tokens = args.new_tokens or int(defaults["new_tokens"])
-    args.repeats = args.repeats or int(defaults["repeats"])
+    defaults = QUICK if args.quick else DEFAULTS
+    args.shape = args.shape or Shape.parse(defaults["shape"])
+    args.adapters = args.adapters or _count_list(defaults["adapters"])
+    args.new_tokens = args.new_tokens or defaults["new_tokens"]
+    args.repeats = args.repeats or defaults["repeats"]
     return args
 
 

@@ -114,7 +114,7 @@ def build_base_model(
                 parameter.normal_(0.0, 0.02)
     model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its buffers were left empty on meta
     if dtype != torch.float32:
-        model.to(dtype)
+        nn.Module.to(model, dtype)  # (PreTrainedModel.to adds quantization checks only)
     model.requires_grad_(False)
     if shape.tied != (model.lm_head.weight is model.get_input_embeddings().weight):
         raise RuntimeError(f"{shape.label}: the model's tie is not what the shape asks for")
