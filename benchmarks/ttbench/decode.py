@@ -103,34 +103,39 @@ def build_adapter_model(base: nn.Module, shape: Shape, method: str) -> nn.Module
 
 
 def greedy(
-    decoder: Decoder, input_ids: torch.Tensor, positions: list[torch.Tensor], keyword: str
+    decoder: Decoder,
+    input_ids: torch.Tensor,
+    positions: list[torch.Tensor],
+    keyword: str,
+    cache_position: bool = False,
 ) -> torch.Tensor:
-    """The new tokens (batch x len(positions) + 1): the prompt, then one call per token."""
+    """The new tokens (batch x len(positions) + 1): the prompt, then one call per token.
+
+    ``positions``: each new token's position ids (batch x 1); ``keyword``: the name the forward
+    takes the cache under; ``cache_position``: also pass the positions under that name
+    (transformers versions whose forward takes it).
+    """
+
+    def call(model: Callable[..., Any], ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        extra = {"cache_position": position_ids[0]} if cache_position else {}
+        inputs = {"input_ids": ids, "position_ids": position_ids, keyword: decoder.cache, **extra}
+        logits = model(**inputs, use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1].argmax(-1, keepdim=True)  # a new tensor: a CUDA graph's output is reused
+
     decoder.cache.reset()
-    prompt = input_ids.shape[1]
-    prompt_positions = torch.arange(prompt, device=input_ids.device).unsqueeze(0)
-    logits = decoder.prefill(
-        input_ids=input_ids,
-        position_ids=prompt_positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **{keyword: decoder.cache},
-    ).logits
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    tokens = [token]
+    prompt = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    tokens = [call(decoder.prefill, input_ids, prompt)]
     for position in positions:
         if decoder.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        logits = decoder.step(
-            input_ids=token,
-            position_ids=position,
-            use_cache=True,
-            logits_to_keep=1,
-            **{keyword: decoder.cache},
-        ).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)  # a new tensor: a CUDA graph's output is reused
-        tokens.append(token)
+        tokens.append(call(decoder.step, tokens[-1], position))
     return torch.cat(tokens, dim=1)
+
+
+def takes_cache_position(model: nn.Module) -> bool:
+    """Whether the forward names ``cache_position`` (transformers before 5.2x: a static cache
+    writes where it says); later versions count the tokens in the cache itself."""
+    return "cache_position" in inspect.signature(type(model).forward).parameters
 
 
 def setup_name(model: str, mode: str) -> str:
@@ -176,7 +181,7 @@ def run(
         torch.tensor([[shape.seq + index]], device=device).expand(shape.batch, 1)
         for index in range(new_tokens - 1)
     ]
-    keyword = cache_keyword(base)
+    keyword, cache_position = cache_keyword(base), takes_cache_position(base)
     config: Any = base.config
 
     decoders: list[Decoder] = []
@@ -216,7 +221,7 @@ def run(
             started = time.perf_counter()
             try:
                 for _ in range(WARM_UPS):
-                    tokens[decoder.name] = greedy(decoder, input_ids, positions, keyword)
+                    tokens[decoder.name] = greedy(decoder, input_ids, positions, keyword, cache_position)
                 synchronize(device)
             except Exception as error:  # noqa: BLE001 - any failure is reported, the others still run
                 failed[decoder.name] = (decoder.model, decoder.mode, one_line(error))
@@ -235,7 +240,7 @@ def run(
                 before = unique_graphs()
                 synchronize(device)
                 started = time.perf_counter()
-                greedy(decoder, input_ids, positions, keyword)
+                greedy(decoder, input_ids, positions, keyword, cache_position)
                 synchronize(device)
                 times[decoder.name].append(time.perf_counter() - started)
                 recompiles[decoder.name] += unique_graphs() - before
