@@ -27,6 +27,9 @@ the bytes of the saved adapter's weight files.
 ``--full`` adds full embedding tuning, ``--profile`` prints the ops each setup
 runs beyond the floor, ``--memory rss`` cross-checks memory as peak RSS with one
 subprocess per setup, ``--setups`` picks the setups compared with the floor.
+``--device cuda --dtype bfloat16`` runs every setup on a GPU in bf16 (timing
+synchronised, memory from ``torch.cuda.max_memory_allocated``);
+``benchmarks/gpu_run.sh OUT_DIR`` runs every GPU measurement of the package.
 docs/performance.md explains the choices and the results.
 
 A shape reads ``v<vocab>-d<width>-<tied|untied>-k<rows>[-b<batch>x<seq>]``;

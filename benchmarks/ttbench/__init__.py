@@ -9,6 +9,11 @@
   them on one shape for any registered setups.
 * ``report``: the tables, the ratios and the JSON summary.
 * ``cli``: the command line (``benchmarks/bench_trainable_tokens.py``).
+* ``device``: ``--device``/``--dtype``, synchronised timing and peak memory on cuda.
+* ``per_sample``: mixed batches (``adapter_names=``) over 1, 8 and 64 adapters
+  (``python -m ttbench.per_sample``).
+* ``decode``: greedy decode, eager against ``torch.compile``, base model and one
+  adapter (``python -m ttbench.decode``).
 
 A new setup is one function registered with :func:`setups.register_setup`;
 ``--setups NAME`` then runs it beside the floor, and the tables add its columns.
