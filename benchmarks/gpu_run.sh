@@ -44,23 +44,26 @@ CUDA=(--device cuda --dtype bfloat16)
 SHAPES=v128k-d4096-tied-k16-b8x512,v128k-d4096-untied-k16-b8x512
 
 # 1. Train step, memory, unmerged forward 1 x 32 and checkpoints: tt and PEFT beside the frozen floor,
-#    and the stacks (stack4 = [tt, LoRA, tt, LoRA], its train step over the floor).  ~2 min
-step train 140 "$PYTHON" bench_trainable_tokens.py "${CUDA[@]}" --shapes "$SHAPES" \
-    --setups tt,peft,stacks --repeats 10 --infer-seconds 5 --paired-seconds 5 --json "$OUT/train.json"
+#    and the stacks (stack4 = [tt, LoRA, tt, LoRA], its train step over the floor).  ~1.5 min
+step train 120 "$PYTHON" bench_trainable_tokens.py "${CUDA[@]}" --shapes "$SHAPES" \
+    --setups tt,peft,stacks --repeats 10 --infer-seconds 4 --paired-seconds 2 --json "$OUT/train.json"
 
 # 2. Greedy decode of 32 tokens after a 1 x 32 prompt: base and one unmerged adapter, eager against
-#    torch.compile (default and reduce-overhead).  ~3 min, most of it compiling
-step decode_tt 200 "$PYTHON" -m ttbench.decode "${CUDA[@]}" --shape v128k-d4096-tied-k16-b1x32 \
-    --new-tokens 32 --repeats 20 --adapter tt --json "$OUT/decode_tt.json"
+#    torch.compile, one process per compile mode (a mode that runs out of time leaves the other's
+#    results).  ~1.5 min each, most of it compiling
+DECODE=(-m ttbench.decode "${CUDA[@]}" --shape v128k-d4096-tied-k16-b1x32 --new-tokens 32 --repeats 20 --adapter tt)
+step decode_tt 110 "$PYTHON" "${DECODE[@]}" --modes default --json "$OUT/decode_tt.json"
+step decode_tt_cudagraphs 110 "$PYTHON" "${DECODE[@]}" --modes reduce-overhead \
+    --json "$OUT/decode_tt_cudagraphs.json"
 
 # 3. Mixed batches (adapter_names=), 32 x 128 over 1, 8 and 64 adapters (64 samples for 64),
 #    against the base forward and generate.  ~1 min each
-step per_sample_tt 100 "$PYTHON" -m ttbench.per_sample "${CUDA[@]}" --shape v128k-d4096-tied-k16-b32x128 \
+step per_sample_tt 90 "$PYTHON" -m ttbench.per_sample "${CUDA[@]}" --shape v128k-d4096-tied-k16-b32x128 \
     --adapters 1,8,64 --mix tt --new-tokens 32 --repeats 3 --json "$OUT/per_sample_tt.json"
-step per_sample_tt+lora 100 "$PYTHON" -m ttbench.per_sample "${CUDA[@]}" --shape v128k-d4096-tied-k16-b32x128 \
+step per_sample_tt+lora 90 "$PYTHON" -m ttbench.per_sample "${CUDA[@]}" --shape v128k-d4096-tied-k16-b32x128 \
     --adapters 1,8,64 --mix tt+lora --new-tokens 32 --repeats 3 --json "$OUT/per_sample_tt+lora.json"
 # LoRA only, where PEFT's own adapter_names= is timed beside: 8 adapters.  ~30 s
-step per_sample_lora 50 "$PYTHON" -m ttbench.per_sample "${CUDA[@]}" --shape v128k-d4096-tied-k16-b32x128 \
+step per_sample_lora 45 "$PYTHON" -m ttbench.per_sample "${CUDA[@]}" --shape v128k-d4096-tied-k16-b32x128 \
     --adapters 8 --mix lora --new-tokens 32 --repeats 3 --json "$OUT/per_sample_lora.json"
 
 echo "done in $SECONDS s; outputs in $OUT" >&2
