@@ -12,11 +12,13 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from models import VOCAB, build, word_tokenizer
 from numerics import assert_same_math
 from unchanged import assert_same, untouched
 
 from tt_core import AdapterModel, RegistryError, get_adapter_model
+from tt_core.cli import main
 from tt_core.registry import Registry
 from tt_core.relocation import MovedToken, RelocationWarning
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
@@ -289,3 +291,63 @@ def test_an_adapter_of_another_base_is_refused_before_the_tokenizer_changes(regi
         registry.load(base, ["medical", "elsewhere"], tokenizer=tokenizer, relocate=True)
     assert_same(before, base)
     assert len(tokenizer) == VOCAB and "<ref>" not in tokenizer.get_vocab()
+
+
+# ------------------------------------------------------------------------------- tt merge
+def _tt(capsys, *argv):
+    """Run ``tt argv...`` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_tt_merge_relocate_writes_one_model_and_tokenizer_and_prints_what_moved(capsys, tmp_path, registry):
+    base_dir, out = tmp_path / "base", tmp_path / "out"
+    build(FAMILY).save_pretrained(base_dir)
+    word_tokenizer().save_pretrained(base_dir)
+    command = ["merge", base_dir, "medical", "legal@1", "--out", out, "--registry", registry.root]
+
+    status, stdout, err = _tt(capsys, *command)
+    assert status == 2 and stdout == "" and err.count("\n") == 1, err
+    assert (
+        err.startswith("tt merge: medical@1 records token '<covid>' at id 129 and legal@1 token '<tort>'")
+        and "pass --relocate to give" in err
+    )
+    assert not out.exists()
+
+    status, stdout, err = _tt(capsys, *command, "--relocate")
+    assert status == 0, err
+    lines = stdout.splitlines()
+    assert lines[0] == (
+        "relocated 2 token(s) whose ids were taken: "
+        f"token '<tort>': id {VOCAB + 1} -> {VOCAB + 4} (legal@1); "
+        f"token '<lien>': id {VOCAB + 2} -> {VOCAB + 5} (legal@1)"
+    )
+    assert lines[1].startswith(f"wrote {out}: ") and "6 added token(s)" in lines[1] and len(lines) == 2
+    merged = transformers.LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    saved_tokenizer = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    expected, tokenizer, _ = _relocated(registry, ["medical", "legal"])
+    assert saved_tokenizer.get_vocab() == tokenizer.get_vocab()
+    inputs = torch.cat(
+        [_ids(saved_tokenizer, MEDICAL_TEXT.replace("<ref>", "w8")), _ids(saved_tokenizer, LEGAL_TEXT)]
+    )
+    with torch.no_grad():
+        assert_same_math(merged(input_ids=inputs).logits, expected(input_ids=inputs).logits)
+
+    # What cannot move exactly is one line naming the flag, and nothing is written.
+    _publish_refused(registry, "embedding-terms", "lora_embedding")
+    refused = ["merge", base_dir, "medical", "embedding-terms", "--out", tmp_path / "refused"]
+    status, stdout, err = _tt(capsys, *refused, "--registry", registry.root, "--relocate")
+    assert status == 2 and stdout == "" and err.count("\n") == 1, err
+    assert "embedding-terms@1 cannot be relocated" in err and "without --relocate" in err
+    assert not (tmp_path / "refused").exists()
+
+    # Without a tokenizer in the base folder there is nothing to relocate in: one line, before loading.
+    bare = tmp_path / "bare"
+    build(FAMILY).save_pretrained(bare)
+    status, stdout, err = _tt(
+        capsys, "merge", bare, "medical", "--out", out, "--force", "--relocate", "--registry", registry.root
+    )
+    assert status == 2 and stdout == "" and err.count("\n") == 1, err
+    assert f"{bare} has no tokenizer files" in err
