@@ -351,3 +351,30 @@ def test_tt_merge_relocate_writes_one_model_and_tokenizer_and_prints_what_moved(
     )
     assert status == 2 and stdout == "" and err.count("\n") == 1, err
     assert f"{bare} has no tokenizer files" in err
+
+
+def test_rows_on_an_untied_head_move_with_their_tokens(tmp_path):
+    """Trainable tokens given per module ({embedding: ids, head: ids}) on a model whose head is its own."""
+    registry = Registry(tmp_path / "registry")
+    for seed, (name, tokens) in enumerate([("medical", MEDICAL), ("legal", LEGAL)]):
+        tokenizer, model = word_tokenizer(), build("llama")
+        ids = TrainableTokensConfig.add_new_tokens(model, tokenizer, tokens).token_indices
+        config = TrainableTokensConfig(
+            token_indices={"embed_tokens": ids, "lm_head": ids}, init_weights=False
+        )
+        torch.manual_seed(seed)
+        registry.publish(get_adapter_model(model, config), name, tokenizer=tokenizer)
+    tokenizer = word_tokenizer()
+    with pytest.warns(RelocationWarning, match=f"'<lien>': id {VOCAB + 2} -> {VOCAB + 5}"):
+        loaded = registry.load(build("llama"), ["medical", "legal"], tokenizer=tokenizer, relocate=True)
+    moved = [VOCAB, VOCAB + 4, VOCAB + 5, VOCAB + 3]
+    assert loaded.adapter_configs["legal"].token_indices == {"embed_tokens": moved, "lm_head": moved}
+    model = loaded.model
+    assert model.get_output_embeddings().weight.shape[0] == VOCAB + 6
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+
+    legal_tokenizer = word_tokenizer()
+    legal = registry.load(build("llama"), "legal", tokenizer=legal_tokenizer)
+    got = _outputs(loaded, _ids(tokenizer, LEGAL_TEXT), adapter_names=["legal"])
+    alone = _outputs(legal, _ids(legal_tokenizer, LEGAL_TEXT))
+    _assert_like_alone(got, alone, _mapping(legal_tokenizer, tokenizer))
