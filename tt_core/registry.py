@@ -36,7 +36,14 @@ from tt_core.disk.manifest import ADAPTER_MANIFEST
 from tt_core.formats import native, peft
 from tt_core.model import AdapterModel
 from tt_core.records import check_adapter_name
-from tt_core.relocation import Relocation, RelocationWarning, check_fits, plan, relocate, vocabulary_modules
+from tt_core.relocation import (
+    Relocation,
+    RelocationWarning,
+    check_fits,
+    plan,
+    relocate_saved,
+    vocabulary_modules,
+)
 
 ENTRY_POINT_GROUP = "tt_core.adapters"
 PACKAGED_VERSION = 1
@@ -547,7 +554,7 @@ class Registry:
         relocated = {}
         for info in infos:
             moves = relocation.moves_for(info.spec)
-            relocated[info.name] = relocate(saved[info.name], info.spec, moves, rows, vocabulary)
+            relocated[info.name] = relocate_saved(saved[info.name], info.spec, moves, rows, vocabulary)
             check_fits(relocated[info.name], info.spec, model, rows, vocabulary, strict)
         return dataclasses.replace(relocation, rows=rows), relocated
 

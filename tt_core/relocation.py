@@ -10,7 +10,7 @@ them into one model and one tokenizer (docs/registry.md, "Token collisions"):
 - a token whose id another string holds gets a fresh id, after every id in
   use, in the order of the adapters and then of the ids.
 
-:func:`plan` decides that from the recorded tokens alone; :func:`relocate`
+:func:`plan` decides that from the recorded tokens alone; :func:`relocate_saved`
 then asks each adapter's method (``AdapterConfig.relocate_tokens``) for its
 config and tensors with the new ids and the new vocabulary size, and
 :func:`check_fits` checks the result against the model as the load will
@@ -139,7 +139,7 @@ def vocabulary_modules(model: nn.Module) -> set[str]:
     return found
 
 
-def relocate(
+def relocate_saved(
     saved: storage.SavedAdapter, spec: str, moves: Mapping[int, int], rows: int, vocabulary: set[str]
 ) -> storage.SavedAdapter:
     """``saved`` with its tokens at ``moves``' ids and its vocabulary targets at ``rows`` rows.
