@@ -20,7 +20,7 @@ from unchanged import assert_same, untouched
 from tt_core import AdapterModel, RegistryError, get_adapter_model
 from tt_core.cli import main
 from tt_core.registry import Registry
-from tt_core.relocation import MovedToken, RelocationWarning
+from tt_core.relocation import MovedToken, RelocationWarning, plan
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.lora_linear import LoraLinearConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
@@ -269,6 +269,41 @@ def test_what_cannot_move_exactly_is_refused_and_nothing_changes(registry, kind,
     assert_same(before, base)
     assert base.get_input_embeddings().weight.shape[0] == VOCAB
     assert tokenizer.get_vocab() == vocabulary and len(tokenizer) == VOCAB
+
+
+def test_strings_decide_where_a_token_goes():
+    """A string already placed (by the tokenizer or any adapter) is where its rows go; fresh ids only else."""
+    recorded = [
+        ("x@1", [{"content": "<p>", "id": 3}]),
+        ("y@1", [{"content": "<q>", "id": 3}, {"content": "<p>", "id": 4}, {"content": "<own>", "id": 2}]),
+        ("z@1", [{"content": "<q>", "id": 4}, {"content": "<r>", "id": 2}]),
+    ]
+    relocation = plan({"a": 0, "b": 1, "<own>": 2}, 3, recorded)
+    assert [str(token) for token in relocation.moved] == [
+        "token '<q>': id 3 -> 4 (y@1)",  # z places '<q>' at its free id 4: y's row follows the string
+        "token '<p>': id 4 -> 3 (y@1)",  # x holds '<p>' at 3
+        "token '<r>': id 2 -> 5 (z@1)",  # the tokenizer's own token holds 2: a fresh id after all in use
+    ]
+    assert {t["content"]: t["id"] for t in relocation.tokens} == {"<p>": 3, "<own>": 2, "<q>": 4, "<r>": 5}
+    assert relocation.shared == ()  # '<own>' was the tokenizer's already; '<p>' is at another id in y
+
+
+def _files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_relocation_leaves_a_model_carrying_adapters_and_the_registry_as_they_were(registry):
+    existing = get_adapter_model(
+        build(FAMILY), TrainableTokensConfig(token_indices=[30]), adapter_name="mine"
+    )
+    rows = existing.model.model.embed_tokens.adapters["mine"].trainable_tokens_rows.detach().clone()
+    tokenizer, published = word_tokenizer(), _files(registry.root)
+    with pytest.raises(RegistryError, match="would have 134 tokens but the model's embedding 128 rows"):
+        registry.load(existing.model, ["medical", "legal"], into=existing, tokenizer=tokenizer, relocate=True)
+    assert existing.adapters == ["mine"] and existing.active_adapters == ["mine"]
+    assert torch.equal(existing.model.model.embed_tokens.adapters["mine"].trainable_tokens_rows, rows)
+    assert existing.get_input_embeddings().weight.shape[0] == VOCAB and len(tokenizer) == VOCAB
+    assert _files(registry.root) == published and registry.verify() == []
 
 
 def test_relocate_needs_a_tokenizer(registry):
