@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from tt_core.api.errors import SavedFolderError, TTError
+from tt_core.api.errors import RegistryError, SavedFolderError, TTError
 from tt_core.commands import BAD_INPUT as _BAD_INPUT
 from tt_core.commands import CommandError, model_class
 
@@ -352,17 +352,47 @@ def _load_published(
         tokenizer = _load_tokenizer(base)
         bar.update(1)
     before = len(tokenizer) if tokenizer is not None else 0
+    relocate = bool(getattr(args, "relocate", False))
+    if relocate and tokenizer is None:
+        raise CommandError(
+            f"--relocate gives the adapters' tokens new ids in the tokenizer, and {base} has no tokenizer "
+            "files; save the base model's tokenizer into it"
+        )
+    from tt_core.relocation import RelocationWarning
+
     step(f"loading {', '.join(specs)}")
     try:
-        with _transformers_errors_only():
-            adapter_model = registry.load(model, specs, tokenizer=tokenizer, strict=not args.no_strict)
-    except SavedFolderError as error:
-        # The library's advice names its argument; here the same switch is a flag.
-        if "strict=False" not in str(error):
+        with _transformers_errors_only(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RelocationWarning)
+            adapter_model = registry.load(
+                model, specs, tokenizer=tokenizer, strict=not args.no_strict, relocate=relocate
+            )
+    except (SavedFolderError, RegistryError) as error:
+        # The library's advice names its arguments; here the same switches are flags.
+        text = _one_line(error)
+        for argument, flag in _FLAGS.items():
+            text = text.replace(argument, flag)
+        if text == _one_line(error):
             raise
-        raise CommandError(_one_line(error).replace("pass strict=False", "pass --no-strict")) from None
+        raise CommandError(text) from None
+    for warning in caught:  # what moved is printed; any other warning is shown as it was
+        if isinstance(warning.message, RelocationWarning):
+            print(warning.message.relocation)
+        else:
+            warnings.showwarning(
+                warning.message,
+                warning.category,
+                warning.filename,
+                warning.lineno,
+                warning.file,
+                warning.line,
+            )
     bar.update(1)
     return adapter_model, tokenizer, specs, (len(tokenizer) - before if tokenizer is not None else 0)
+
+
+# What the library's messages call the arguments that are flags here.
+_FLAGS = {"pass strict=False": "pass --no-strict", "relocate=True": "--relocate"}
 
 
 def _has_tokenizer(base: Path) -> bool:
@@ -562,6 +592,11 @@ def _parser() -> argparse.ArgumentParser:
         "--no-strict",
         action="store_true",
         help="merge an adapter even when it was trained on another base model (a warning, not an error)",
+    )
+    merge.add_argument(
+        "--relocate",
+        action="store_true",
+        help="adapters whose new tokens claim the same ids: give the later ones' tokens fresh ids (printed)",
     )
     _add_registry_option(merge, None)
     merge.set_defaults(run=_merge)

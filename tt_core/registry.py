@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,14 @@ from tt_core.disk.manifest import ADAPTER_MANIFEST
 from tt_core.formats import native, peft
 from tt_core.model import AdapterModel
 from tt_core.records import check_adapter_name
+from tt_core.relocation import (
+    Relocation,
+    RelocationWarning,
+    check_fits,
+    plan,
+    relocate_saved,
+    vocabulary_modules,
+)
 
 ENTRY_POINT_GROUP = "tt_core.adapters"
 PACKAGED_VERSION = 1
@@ -434,6 +443,7 @@ class Registry:
         tokenizer: Any = None,
         is_trainable: bool = False,
         strict: bool = True,
+        relocate: bool = False,
     ) -> AdapterModel:
         """Load published adapters, stacked in the given order.
 
@@ -442,20 +452,29 @@ class Registry:
         ``tokenizer``, the tokens recorded at publishing are added to it at
         the same ids and the model's embeddings are resized to match. On any
         error the model is left as it was.
+
+        ``relocate=True`` (with ``tokenizer``) loads adapters whose tokens
+        claim the same ids with different strings: the later adapter's tokens
+        get fresh ids, its rows move with them, and a
+        :class:`~tt_core.relocation.RelocationWarning` says what moved (its
+        ``relocation``; :meth:`plan_relocation` tells beforehand). See
+        docs/registry.md, "Token collisions".
         """
         spec_list = [specs] if isinstance(specs, str) else list(specs)
-        infos = [self.info(spec) for spec in spec_list]
+        if not isinstance(relocate, bool):
+            raise ArgumentTypeError(f"relocate must be True or False, got {relocate!r}")
+        if relocate and tokenizer is None:
+            raise RegistryError(
+                "relocate=True gives tokens new ids in a tokenizer; pass tokenizer=... (the one used with "
+                "the model)"
+            )
+        infos, saved = self._read_for_load(spec_list)
         names = [info.name for info in infos]
-        if len(set(names)) != len(names):
-            raise RegistryError(f"{spec_list} names one adapter twice; an adapter model holds each name once")
-        saved = {}
-        for info in infos:
-            try:
-                saved[info.name] = self._read_adapter(info)
-            except (FileNotFoundError, storage.MissingFiles):
-                raise RegistryError(f"{info.spec} was removed while it was being loaded") from None
-            native.read_config(saved[info.name])
-        if tokenizer is not None:
+        relocation = None
+        if relocate:
+            relocation, saved = self._relocation(base_model, into, tokenizer, infos, saved, strict)
+            self._apply_relocation(base_model, into, tokenizer, relocation, infos)
+        elif tokenizer is not None:
             self._prepare_tokenizer(base_model, into, tokenizer, infos)
         target = into if into is not None else AdapterModel(base_model)
         loaded: list[str] = []
@@ -473,7 +492,91 @@ class Registry:
             target.set_adapter(names)
             if not is_trainable:
                 target.eval()
+        if relocation is not None and relocation.moved:
+            warnings.warn(RelocationWarning(relocation), stacklevel=2)
         return target
+
+    def _read_for_load(self, spec_list: list[str]) -> tuple[list[Published], dict[str, storage.SavedAdapter]]:
+        """The versions ``spec_list`` names and their verified files (configs checked), by name."""
+        infos = [self.info(spec) for spec in spec_list]
+        names = [info.name for info in infos]
+        if len(set(names)) != len(names):
+            raise RegistryError(f"{spec_list} names one adapter twice; an adapter model holds each name once")
+        saved = {}
+        for info in infos:
+            try:
+                saved[info.name] = self._read_adapter(info)
+            except (FileNotFoundError, storage.MissingFiles):
+                raise RegistryError(f"{info.spec} was removed while it was being loaded") from None
+            native.read_config(saved[info.name])
+        return infos, saved
+
+    def plan_relocation(
+        self,
+        base_model: nn.Module,
+        specs: str | list[str],
+        tokenizer: Any,
+        into: AdapterModel | None = None,
+        strict: bool = True,
+    ) -> Relocation:
+        """What ``load(base_model, specs, tokenizer=tokenizer, relocate=True)`` would move; changes nothing.
+
+        Raises the error that load would (a method that cannot move its
+        tokens exactly, an adapter that would not fit).
+        """
+        spec_list = [specs] if isinstance(specs, str) else list(specs)
+        infos, saved = self._read_for_load(spec_list)
+        return self._relocation(base_model, into, tokenizer, infos, saved, strict)[0]
+
+    def _relocation(
+        self,
+        base_model: nn.Module,
+        into: AdapterModel | None,
+        tokenizer: Any,
+        infos: list[Published],
+        saved: dict[str, storage.SavedAdapter],
+        strict: bool,
+    ) -> tuple[Relocation, dict[str, storage.SavedAdapter]]:
+        """The relocation of ``infos``' tokens and their files rewritten for it; every check, no change."""
+        relocation = plan(tokenizer.get_vocab(), len(tokenizer), [(i.spec, i.added_tokens) for i in infos])
+        where = infos[0].spec if len(infos) == 1 else f"the adapters {[info.spec for info in infos]}"
+        missing = sync_tokenizer(tokenizer, list(relocation.tokens), where, add=False)
+        model: Any = into.model if into is not None else base_model
+        rows = int(model.get_input_embeddings().weight.shape[0])
+        size = len(tokenizer) + len(missing)
+        if rows < size and into is not None and into.adapters:
+            raise RegistryError(
+                f"the tokenizer would have {size} tokens but the model's embedding {rows} rows, "
+                "and a model carrying adapters cannot be resized; resize before adding adapters"
+            )
+        rows = max(rows, size)
+        vocabulary = vocabulary_modules(model)
+        relocated = {}
+        for info in infos:
+            moves = relocation.moves_for(info.spec)
+            relocated[info.name] = relocate_saved(saved[info.name], info.spec, moves, rows, vocabulary)
+            check_fits(relocated[info.name], info.spec, model, rows, vocabulary, strict)
+        return dataclasses.replace(relocation, rows=rows), relocated
+
+    @staticmethod
+    def _apply_relocation(
+        base_model: nn.Module,
+        into: AdapterModel | None,
+        tokenizer: Any,
+        relocation: Relocation,
+        infos: list[Published],
+    ) -> None:
+        """Add the planned tokens to ``tokenizer`` and resize the model once, keeping a tied head tied."""
+        where = infos[0].spec if len(infos) == 1 else f"the adapters {[info.spec for info in infos]}"
+        sync_tokenizer(tokenizer, list(relocation.tokens), where)
+        model: Any = into.model if into is not None else base_model
+        if int(model.get_input_embeddings().weight.shape[0]) >= relocation.rows:
+            return
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        model.resize_token_embeddings(relocation.rows)
+        if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            model.tie_weights()
 
     def _prepare_tokenizer(
         self, base_model: nn.Module, into: AdapterModel | None, tokenizer: Any, infos: list[Published]
@@ -488,7 +591,8 @@ class Registry:
                         raise RegistryError(
                             f"{seen['spec']} records token {seen['content']!r} at id {seen['id']} and "
                             f"{info.spec} token {token['content']!r} at id {token['id']}: they were "
-                            "published with different tokenizers and cannot be loaded together"
+                            "published with different tokenizers and cannot be loaded together as they are; "
+                            "pass relocate=True to give the later adapter's tokens fresh ids"
                         )
                 recorded[token["content"]] = at_id[token["id"]] = {**token, "spec": info.spec}
         tokens = [{k: v for k, v in token.items() if k != "spec"} for token in recorded.values()]

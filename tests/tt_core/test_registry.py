@@ -20,8 +20,9 @@ import pytest
 import torch
 from models import VOCAB, batch, build, logits, word_tokenizer
 from numerics import assert_same_math
+from unchanged import assert_same, untouched
 
-from tt_core import AdapterLayer, AdapterModel, RegistryError, get_adapter_model
+from tt_core import AdapterModel, RegistryError, get_adapter_model
 from tt_core.registry import Registry
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
@@ -54,23 +55,6 @@ def weights(adapter_model: AdapterModel, name: str) -> torch.Tensor:
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def untouched(model: torch.nn.Module) -> dict:
-    """What a failed load must leave as it was: every parameter, its requires_grad, no wrapper."""
-    assert not [m for m in model.modules() if isinstance(m, AdapterLayer)]
-    return {
-        name: (parameter.detach().clone(), parameter.requires_grad)
-        for name, parameter in model.named_parameters()
-    }
-
-
-def assert_same(before: dict, model: torch.nn.Module) -> None:
-    after = untouched(model)
-    assert list(after) == list(before)
-    for name, (value, requires_grad) in before.items():
-        assert torch.equal(after[name][0], value), name
-        assert after[name][1] == requires_grad, name
 
 
 @pytest.fixture

@@ -9,9 +9,13 @@ import re
 import sys
 import types
 import typing
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tt_core.api.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class _Mismatch(Exception):
@@ -212,3 +216,25 @@ class AdapterConfig:
             return cls(**values)
         except TypeError as error:  # a required field missing, say
             raise ConfigError(f"{cls.__name__}: {error}") from None
+
+    def relocate_tokens(
+        self, moved: Mapping[int, int], tensors: dict[str, torch.Tensor], vocabulary: Mapping[str, int]
+    ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+        """This adapter with its tokens moved to other ids: a new config and the tensors it loads.
+
+        Asked by ``Registry.load(..., relocate=True)`` (docs/registry.md) before
+        anything changes. ``moved`` maps old token ids to new ones (ids not in
+        it stay). ``tensors`` are the saved ones, keyed ``<target>.<name>``.
+        ``vocabulary`` gives, for each target whose rows are token ids (the
+        input embedding, the output head and modules tied to them), its row
+        count after the load: the returned tensors must fit it. The result
+        must give each token, at its new id, exactly what this adapter gave it
+        at the old one; a method that cannot promise that raises
+        :class:`~tt_core.api.errors.ConfigError` saying why. The default
+        refuses: a method says how its state follows token ids.
+        """
+        raise ConfigError(
+            f"method {self.method!r} does not say how to move its rows to other token ids or onto a larger "
+            "vocabulary (AdapterConfig.relocate_tokens); load it without relocate=True, with adapters whose "
+            "tokens do not collide"
+        )

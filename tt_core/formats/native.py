@@ -284,6 +284,30 @@ def _parse_weights(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], di
     return tensors, shapes
 
 
+def read_tensors(saved: storage.SavedAdapter) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The tensors of the verified adapter ``saved``, and the shape of the weight of each of its targets."""
+    return _parse_weights(saved.folder / WEIGHTS_FILE, saved.files[WEIGHTS_FILE])
+
+
+def with_contents(
+    saved: storage.SavedAdapter,
+    config: AdapterConfig,
+    tensors: dict[str, torch.Tensor],
+    shapes: dict[str, list[int]],
+) -> storage.SavedAdapter:
+    """``saved`` holding ``config`` and ``tensors`` for weights of ``shapes``: in memory, for a load."""
+    files = dict(saved.files)
+    files[CONFIG_FILE] = (json.dumps(config.to_dict(), indent=2) + "\n").encode()
+    contiguous = {key: tensor.contiguous() for key, tensor in tensors.items()}
+    files[WEIGHTS_FILE] = safetensors.torch.save(contiguous, metadata={SHAPES_KEY: json.dumps(shapes)})
+    entry = dict(saved.entry)
+    entry["files"] = {
+        **entry.get("files", {}),
+        **{name: manifest.sha256(files[name]) for name in (CONFIG_FILE, WEIGHTS_FILE)},
+    }
+    return dataclasses.replace(saved, entry=entry, files=files)
+
+
 def read_config(saved: storage.SavedAdapter) -> AdapterConfig:
     path = saved.folder / CONFIG_FILE
     data = manifest.load_json_object(path, saved.files[CONFIG_FILE])

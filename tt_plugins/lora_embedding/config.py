@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
 
 from tt_core import AdapterConfig
 from tt_core.api.config import check_target_modules
+from tt_core.api.errors import ConfigError
 from tt_plugins import lora_options
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass
@@ -41,3 +46,19 @@ class LoraEmbeddingConfig(AdapterConfig):
     def scaling(self) -> float:
         """The factor the update ``B @ A`` is multiplied by: ``lora_alpha / r``."""
         return self.lora_alpha / self.r
+
+    def relocate_tokens(
+        self, moved: Mapping[int, int], tensors: dict[str, torch.Tensor], vocabulary: Mapping[str, int]
+    ) -> tuple[LoraEmbeddingConfig, dict[str, torch.Tensor]]:
+        """Refused: a token's row is the base row at its id plus this update, so a move is not exact.
+
+        The row at the new id is another row of the base (a row the resize
+        filled) than the one at the old id, and the update covers every row of
+        the vocabulary it was trained on, so it cannot follow a token alone.
+        """
+        raise ConfigError(
+            "LoRA on the embedding adds to the base row at each id, and the base row at a new id is not the "
+            "one at the old id, so its tokens cannot move (nor its vocabulary grow) exactly; load it alone, "
+            "or with adapters whose tokens do not collide, without relocate=True"
+        )
+

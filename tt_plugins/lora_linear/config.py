@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
 
 from tt_core import AdapterConfig
 from tt_core.api.config import check_target_modules
 from tt_core.api.errors import ConfigError
 from tt_plugins import lora_options
-from tt_plugins.trainable_tokens.config import TrainableTokensConfig
+from tt_plugins.trainable_tokens.config import ROWS, TrainableTokensConfig
+
+if TYPE_CHECKING:
+    import torch
 
 #: PEFT's shorthand for every linear layer but the output head.
 ALL_LINEAR = "all-linear"
@@ -103,3 +107,28 @@ class LoraLinearConfig(AdapterConfig):
         if self.trainable_token_indices is None:
             raise ConfigError("this LoRA has no trainable_token_indices")
         return TrainableTokensConfig(token_indices=self.trainable_token_indices)
+
+    def relocate_tokens(
+        self, moved: Mapping[int, int], tensors: dict[str, torch.Tensor], vocabulary: Mapping[str, int]
+    ) -> tuple[LoraLinearConfig, dict[str, torch.Tensor]]:
+        """This adapter with its trainable tokens moved (exact, as trainable tokens move); the LoRA stays.
+
+        LoRA on a linear layer does not depend on token ids, unless the layer
+        is the output head (its outputs are the tokens): such an adapter is
+        refused, since its change to a token's logit adds to the base row at
+        that id, which differs between the old id and the new one.
+        """
+        on_vocabulary = sorted({key.rsplit(".", 1)[0] for key in tensors if not key.endswith("." + ROWS)})
+        on_vocabulary = [name for name in on_vocabulary if name in vocabulary]
+        if on_vocabulary:
+            raise ConfigError(
+                f"it puts LoRA on {on_vocabulary}, whose outputs are token ids: its change to a token adds "
+                "to the base row at that id, and the row at the new id is not the one at the old id, so "
+                "moving the token (or growing the vocabulary) would change what the adapter does"
+            )
+        if self.trainable_token_indices is None:
+            return self, dict(tensors)
+        rows = {key: tensor for key, tensor in tensors.items() if key.endswith("." + ROWS)}
+        tokens, _ = self.tokens_config().relocate_tokens(moved, rows, vocabulary)
+        return dataclasses.replace(self, trainable_token_indices=tokens.token_indices), dict(tensors)
+

@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tt_core import AdapterConfig
 from tt_core.api.config import check_target_modules
 from tt_core.api.errors import ArgumentTypeError, ConfigError
 from tt_plugins.trainable_tokens.tokens import add_tokens_for, token_ids
 
+if TYPE_CHECKING:
+    import torch
+
 TokenIndices = list[int] | dict[str, list[int]]
+ROWS = "trainable_tokens_rows"  # the name of a state's rows, saved as <target>.trainable_tokens_rows
 
 
 def _clean_indices(values: Any, where: str) -> list[int]:
@@ -108,9 +112,46 @@ class TrainableTokensConfig(AdapterConfig):
         if not isinstance(self.token_indices, dict):
             return self.token_indices
         for key, ids in self.token_indices.items():
-            if target_name == key or target_name.endswith("." + key):
+            if self._names(key, target_name):
                 return ids
         return None
+
+    def relocate_tokens(
+        self, moved: Mapping[int, int], tensors: dict[str, torch.Tensor], vocabulary: Mapping[str, int]
+    ) -> tuple[TrainableTokensConfig, dict[str, torch.Tensor]]:
+        """This adapter with token ``old`` trained at ``moved[old]``: exact, the rows do not change.
+
+        Row ``i`` is token ``token_indices[i]``'s, so only the ids change; the
+        rows hold no other token's, so a larger vocabulary needs nothing. A
+        target whose rows are not token ids (not in ``vocabulary``) keeps its
+        ids, and one of them among ``moved`` is refused.
+        """
+        targets = [key[: -len(ROWS) - 1] for key in tensors if key.endswith("." + ROWS)]
+        for target in targets:
+            ids = self.indices_for(target) or []
+            if target not in vocabulary and set(ids) & set(moved):
+                raise ConfigError(
+                    f"it trains rows {sorted(set(ids) & set(moved))} of {target}, whose rows are not the "
+                    "tokenizer's ids (it is not the input embedding, the output head or tied to them), so "
+                    "moving those tokens would not move these rows"
+                )
+
+        def moved_ids(ids: list[int]) -> list[int]:
+            return [moved.get(i, i) for i in ids]
+
+        if isinstance(self.token_indices, dict):
+            indices: TokenIndices = {
+                key: ids if not any(self._names(key, t) for t in vocabulary) else moved_ids(ids)
+                for key, ids in self.token_indices.items()
+            }
+        else:
+            indices = moved_ids(self.token_indices)
+        return dataclasses.replace(self, token_indices=indices), dict(tensors)
+
+    @staticmethod
+    def _names(key: str, target_name: str) -> bool:
+        """Whether a ``token_indices`` key names ``target_name`` (as :meth:`indices_for` matches)."""
+        return target_name == key or target_name.endswith("." + key)
 
 
 def add_new_tokens(
