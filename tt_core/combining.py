@@ -10,12 +10,14 @@ result came from (the manifest's ``combined_from``, docs/manifest.md).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
-from tt_core.api.combining import Combination, CombineSite
+from tt_core.api.combining import RANDOM_TYPES, Combination, CombineSite
 from tt_core.api.config import AdapterConfig
 from tt_core.api.errors import AdapterStateError, ConfigError, PluginError
 from tt_core.plugins import get_plugin_manager
@@ -78,6 +80,9 @@ def combine(
     names = list(combination.adapters)
     _check_sources(records, names)
     _check_unmerged(model, records, names, merged)
+    if combination.seed is None and combination.combination_type in RANDOM_TYPES:
+        # Drawn from torch's generator, as PEFT's masks are, and recorded: the result can be remade.
+        combination = dataclasses.replace(combination, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
     first = records[names[0]]
     modules = dict(named_base_modules(model))
     combine_sites = [

@@ -18,7 +18,7 @@ import tqdm
 from torch import nn
 
 from tt_core import combining, serving, status
-from tt_core.api.combining import RANDOM_TYPES, Combination
+from tt_core.api.combining import Combination
 from tt_core.api.config import AdapterConfig
 from tt_core.api.errors import AdapterStateError, ArgumentTypeError, ConfigError, PluginError
 from tt_core.disk import manifest, storage
@@ -216,8 +216,6 @@ class AdapterModel(nn.Module):
                 f"an adapter named {adapter_name!r} already exists (adapters: {self.adapters}); "
                 "pick another name for the combination, or delete_adapter() it first"
             )
-        if seed is None and combination_type in RANDOM_TYPES:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())  # recorded, so the result can be remade
         combination = Combination(
             combination_type=combination_type,
             adapters=tuple(names),

@@ -164,3 +164,18 @@ def test_an_svd_rank_above_what_the_update_can_have_is_refused():
     with pytest.raises(ConfigError, match=rf"svd_rank=17 is more than .*\({WIDTH}"):
         adapter_model.add_weighted_adapter(["first", "second"], [1, 1], "mixed", "svd", svd_rank=17)
     assert adapter_model.adapters == ["first", "second"]
+
+
+@pytest.mark.parametrize("save_format", ["tt", "peft"])
+def test_the_combination_saves_and_loads_back_in_both_formats(tmp_path, save_format):
+    adapter_model = _model("llama_tied")
+    adapter_model.add_weighted_adapter(["first", "second"], [0.5, 1.0], "mixed", "svd", svd_rank=4)
+    adapter_model.set_adapter("mixed")
+    inputs = batch("llama_tied", TOKENS)
+    with torch.no_grad():
+        expected = logits(adapter_model, inputs)
+    adapter_model.save_pretrained(tmp_path, selected_adapters=["mixed"], format=save_format)
+    loaded = AdapterModel.from_pretrained(build("llama_tied"), tmp_path)
+    assert loaded.adapter_configs[loaded.active_adapter].r == 4
+    with torch.no_grad():
+        assert_same_math(logits(loaded, inputs), expected)
