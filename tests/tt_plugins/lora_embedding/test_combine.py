@@ -179,3 +179,27 @@ def test_the_combination_saves_and_loads_back_in_both_formats(tmp_path, save_for
     assert loaded.adapter_configs[loaded.active_adapter].r == 4
     with torch.no_grad():
         assert_same_math(logits(loaded, inputs), expected)
+
+
+@pytest.mark.parametrize(
+    "kind,options",
+    [
+        ("cat", {}),
+        ("linear", {}),
+        ("svd", {"svd_rank": 4}),
+        ("ties_svd", {"density": 0.4}),
+        ("magnitude_prune_svd", {"density": 0.4}),
+    ],
+)
+def test_peft_computes_the_same_update_from_the_same_adapters(tmp_path, kind, options):
+    """The other reference: PEFT's own add_weighted_adapter on the same two adapters, saved in its format."""
+    peft = pytest.importorskip("peft")
+    ranks = (3, 3) if kind == "linear" else (2, 3)
+    adapter_model = _model("llama", ranks=ranks, alphas=(4, 3))
+    adapter_model.add_weighted_adapter(["first", "second"], [0.7, 0.4], "mixed", kind, **options)
+    adapter_model.save_pretrained(tmp_path, selected_adapters=["first", "second"], format="peft")
+    peft_model = peft.PeftModel.from_pretrained(build("llama"), str(tmp_path / "first"), adapter_name="first")
+    peft_model.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    peft_model.add_weighted_adapter(["first", "second"], [0.7, 0.4], "mixed", kind, **options)
+    peft_update = peft_model.base_model.model.model.embed_tokens.get_delta_weight("mixed")
+    assert_same_math(_combined_update(adapter_model, "llama"), peft_update.detach().float(), terms=VOCAB)
