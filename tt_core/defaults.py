@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tt_core.api.combining import Combination, CombineSite
 from tt_core.api.config import AdapterConfig
+from tt_core.api.errors import ConfigError
 from tt_core.api.hookspecs import hookimpl
 from tt_core.tensors.state import AdapterState
 from tt_core.tensors.targets import find_tied_modules, resolve_targets
@@ -38,3 +40,14 @@ def merge(state: AdapterState, weight: torch.Tensor, unmerge: bool) -> bool:
     else:
         state.merge_into(weight)
     return True
+
+
+@hookimpl(trylast=True)
+def combine(configs: list[AdapterConfig], sites: list[CombineSite], combination: Combination) -> None:
+    """A method combines only through its own plugin's answer: without one, refuse."""
+    method = configs[0].method
+    raise ConfigError(
+        f"method {method!r} does not implement combining adapters (its plugin answers no combine hook), "
+        f"so {list(combination.adapters)} cannot be combined; combine adapters of a method that does "
+        "(trainable_tokens, lora_embedding, lora_linear)"
+    )

@@ -17,7 +17,8 @@ import torch
 import tqdm
 from torch import nn
 
-from tt_core import serving, status
+from tt_core import combining, serving, status
+from tt_core.api.combining import Combination
 from tt_core.api.config import AdapterConfig
 from tt_core.api.errors import AdapterStateError, ArgumentTypeError, ConfigError, PluginError
 from tt_core.disk import manifest, storage
@@ -164,12 +165,73 @@ class AdapterModel(nn.Module):
             covered.update(site.modules)
             sites.append(site)
         # Every check passed: only now is the model touched.
-        for site in sites:
+        self._install(adapter_name, AdapterRecord(config, sites, False, not is_trainable, {}))
+
+    def _install(self, adapter_name: str, record: AdapterRecord) -> None:
+        """Put the checked sites of a new, inactive and frozen adapter on the model; record it."""
+        for site in record.sites:
             for name in site.modules:
                 self._wrapper(name).adapters[adapter_name] = site.state
             site.state.requires_grad_(False)
-        fingerprint = native.base_fingerprint(self.model, sites)
-        self._records[adapter_name] = AdapterRecord(config, sites, False, not is_trainable, fingerprint)
+        record.fingerprint = native.base_fingerprint(self.model, record.sites)
+        self._records[adapter_name] = record
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        *,
+        seed: int | None = None,
+    ) -> None:
+        """Add ``adapter_name``, the weighted combination of ``adapters``: inactive and frozen, as added.
+
+        PEFT's arguments in PEFT's order (``LoraModel.add_weighted_adapter``),
+        plus ``seed`` for the ``dare_*`` types (drawn from torch's generator
+        when left out; recorded either way). The sources must be of one method
+        and adapt the same modules; the method's plugin combines them (the
+        types each supports, and what the weights mean: docs/combining.md).
+        The result is an ordinary adapter that trains, stacks, merges, saves
+        and publishes; its manifest entry records ``combined_from``. Any
+        refusal leaves the model and its adapters as they were.
+        """
+        if not isinstance(adapters, (list, tuple)) or not all(isinstance(name, str) for name in adapters):
+            raise ArgumentTypeError(f"adapters must be a list of adapter names, got {adapters!r}")
+        if not isinstance(weights, (list, tuple)):
+            raise ArgumentTypeError(f"weights must be a list of numbers, one per adapter, got {weights!r}")
+        if not adapters:
+            raise ConfigError("adapters is empty; name the adapters to combine, e.g. ['medical', 'legal']")
+        names = list(adapters)
+        self._check_known(names)
+        check_adapter_name(adapter_name)
+        if adapter_name in self._records:
+            raise AdapterStateError(
+                f"an adapter named {adapter_name!r} already exists (adapters: {self.adapters}); "
+                "pick another name for the combination, or delete_adapter() it first"
+            )
+        combination = Combination(
+            combination_type=combination_type,
+            adapters=tuple(names),
+            weights=tuple(weights),
+            density=density,
+            majority_sign_method=majority_sign_method,
+            seed=seed,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+        )
+        config, sites, combined_from = combining.combine(
+            self.model, self._records, self._merges.merged, combination
+        )
+        self._install(adapter_name, AdapterRecord(config, sites, False, False, {}, combined_from))
 
     def _wrapper(self, module_name: str) -> AdapterLayer:
         parent_name, _, child_name = module_name.rpartition(".")
@@ -598,6 +660,7 @@ class AdapterModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        self._records[adapter_name].combined_from = copy.deepcopy(saved.entry.get(manifest.COMBINED_FROM))
 
     def _load_peft(
         self, path: str | os.PathLike[str], adapter_name: str | None, is_trainable: bool, strict: bool

@@ -215,6 +215,7 @@ class ObjectRegistry(Registry):
             published_at=str(published.get("published_at", "")),
             source=self.store.protocol,
             added_tokens=list(published.get("added_tokens", [])),
+            combined_from=entry.get(manifest.COMBINED_FROM),
         )
 
     def _offline_info(self, name: str, version: int | None, error: StoreUnreachable) -> Published:

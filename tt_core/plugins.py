@@ -219,6 +219,7 @@ class MethodHooks:
         self.tie_handler = manager.subset_hook_caller("tie_handler", others)
         self.merge = manager.subset_hook_caller("merge", others)
         self.peft_export = manager.subset_hook_caller("peft_export", others)
+        self.combine = manager.subset_hook_caller("combine", others)
 
 
 _manager: PluginManager | None = None

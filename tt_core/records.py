@@ -69,6 +69,10 @@ class AdapterRecord:
     trainable: bool  # its parameters' requires_grad (outside disable_adapter(), which freezes every one)
     for_inference: bool  # loaded with is_trainable=False: set_adapter() keeps it frozen
     fingerprint: dict[str, Any]  # of the base it was added to, written into saves
+    #: Where a combined adapter came from (the manifest's ``combined_from``); None for any other.
+    combined_from: dict[str, Any] | None = None
+    #: The registry version it was loaded from, ``{"name", "version"}``; None otherwise.
+    origin: dict[str, Any] | None = None
 
     def states(self) -> list[AdapterState]:
         """The adapter's states, one per adapted weight."""

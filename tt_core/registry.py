@@ -72,6 +72,8 @@ class Published:
     source: str  # "local", "package <distribution> <version>", or "broken"
     added_tokens: list[dict[str, Any]]
     problem: str = ""  # why this version cannot be read; "" when it can
+    #: For a combined adapter, what the manifest's ``combined_from`` records (add_weighted_adapter).
+    combined_from: dict[str, Any] | None = None
 
     @property
     def broken(self) -> bool:
@@ -383,6 +385,7 @@ class Registry:
             published_at=str(published.get("published_at", "")),
             source=source,
             added_tokens=list(published.get("added_tokens", [])),
+            combined_from=entry.get(manifest.COMBINED_FROM),
         )
 
     def names(self) -> list[str]:
@@ -482,6 +485,8 @@ class Registry:
             for info in infos:
                 target.load_saved(saved[info.name], info.name, is_trainable, strict)
                 loaded.append(info.name)
+                # Recorded as a source's version when the adapter is combined (add_weighted_adapter).
+                target.adapter_record(info.name).origin = {"name": info.name, "version": info.version}
         except BaseException:
             for name in loaded:
                 target.delete_adapter(name)

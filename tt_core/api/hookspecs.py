@@ -18,6 +18,10 @@ The order of calls when ``add_adapter`` runs for a config::
 and on ``merge_adapter`` / ``unmerge_adapter``, once per adapted weight::
 
     merge(state, weight, unmerge)                    -> True once done
+
+and on ``add_weighted_adapter``, once for the whole new adapter::
+
+    combine(configs, sites, combination)            -> (config, one AdapterState per site)
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from tt_core.api.combining import Combination, CombineSite
     from tt_core.api.config import AdapterConfig
     from tt_core.api.register import MethodRegister
     from tt_core.tensors.state import AdapterState
@@ -105,6 +110,34 @@ def merge(state: AdapterState, weight: torch.Tensor, unmerge: bool) -> bool | No
     exactly; the core unmerges in the reverse order of merging. Return
     ``True`` when handled; anything else is an error and the core undoes the
     merges it already made.
+    """
+
+
+@hookspec(firstresult=True)
+def combine(
+    configs: list[AdapterConfig], sites: list[CombineSite], combination: Combination
+) -> tuple[AdapterConfig, list[AdapterState]] | None:
+    """Combine adapters of this method into a new one: return its config and one state per site.
+
+    Asked of the plugin that registered the sources' method (the core refuses
+    sources of different methods or targets). ``configs[i]`` is the config of
+    ``combination.adapters[i]``; ``sites`` holds, per adapted weight, the
+    modules using it, the base module and every source's state there
+    (:class:`tt_core.api.combining.CombineSite`); ``combination`` the type,
+    the weights and the type's options, already checked
+    (:class:`tt_core.api.combining.Combination`;
+    :mod:`tt_core.tensors.task_vectors` has PEFT's task-vector arithmetic).
+
+    Return ``(config, states)``: a config of this method that
+    :meth:`AdapterModel.add_adapter` would turn into states of the same
+    shapes on the same modules (saves load back through it), and
+    ``states[j]`` the new state for ``sites[j]``, on the base weight's device,
+    float32. Change nothing: not the sources, not the model (the core adds
+    the new adapter, inactive and frozen, as ``add_adapter`` would). Raise
+    ``ValueError`` naming what cannot be combined and the fix, e.g. with
+    :meth:`~tt_core.api.combining.Combination.refuse_unsupported` for a type
+    the method does not support. Default: refuses, saying the method does not
+    implement combining.
     """
 
 

@@ -30,6 +30,8 @@ ADAPTER_MANIFEST = "adapter_manifest.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 2
+#: The optional entry key recording where a combined adapter came from (``add_weighted_adapter``).
+COMBINED_FROM = "combined_from"
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -120,7 +122,28 @@ def validate_entry(path: Path, name: str, entry: Any, needs_path: bool = True) -
             raise _fault(path, f"key {where}.files does not list {filename}")
     if "base" in entry and not isinstance(entry["base"], dict):
         raise _fault(path, f"key {where}.base is {entry['base']!r}; it must be an object")
+    if COMBINED_FROM in entry:
+        _check_combined_from(path, f"{where}.{COMBINED_FROM}", entry[COMBINED_FROM])
     return entry
+
+
+def _check_combined_from(path: Path, where: str, value: Any) -> None:
+    """An object naming the combination type and a non-empty list of sources, each a name and a weight."""
+    if not isinstance(value, dict) or not isinstance(value.get("combination_type"), str):
+        raise _fault(path, f"key {where} is {value!r}; it must be an object with a 'combination_type'")
+    sources = value.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise _fault(path, f"key {where}.sources is {sources!r}; it must list the combined adapters")
+    for source in sources:
+        if (
+            not isinstance(source, dict)
+            or not isinstance(source.get("adapter"), str)
+            or isinstance(source.get("weight"), bool)
+            or not isinstance(source.get("weight"), (int, float))
+        ):
+            raise _fault(
+                path, f"key {where}.sources holds {source!r}; each source is an 'adapter' and a 'weight'"
+            )
 
 
 def parse(path: Path, data: bytes) -> Manifest:

@@ -232,6 +232,8 @@ def adapter_files(model: nn.Module, record: AdapterRecord) -> tuple[dict[str, by
         entry.update(distribution=method.distribution, distribution_version=method.version)
     entry["files"] = {filename: manifest.sha256(data) for filename, data in files.items()}
     entry["base"] = record.fingerprint
+    if record.combined_from is not None:
+        entry[manifest.COMBINED_FROM] = record.combined_from
     files[ADAPTER_MANIFEST] = (json.dumps(entry, indent=2) + "\n").encode()
     return files, entry
 

@@ -7,16 +7,17 @@ Merging is the state's own. PEFT's LORA type maps onto it (see docs/peft.md).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from tt_core import MethodRegister, hookimpl
 from tt_core.api import peft_hooks
+from tt_core.api.combining import Combination, CombineSite
 from tt_core.api.errors import ConfigError
 from tt_core.tensors.targets import find_tied_modules, input_embedding_name, named_base_modules
-from tt_plugins import lora_options
+from tt_plugins import lora_combining, lora_options
 from tt_plugins.lora_embedding.config import LoraEmbeddingConfig
 from tt_plugins.lora_embedding.layer import LoraEmbeddingLayer
 
@@ -45,6 +46,32 @@ def tie_handler(
 ) -> list[str] | None:
     # adapt_tied_modules=False declines every tie (PEFT's LoRA adapts the modules it names, only).
     return None if config.adapt_tied_modules else []
+
+
+@hookimpl
+def combine(
+    configs: list[LoraEmbeddingConfig], sites: list[CombineSite], combination: Combination
+) -> tuple[LoraEmbeddingConfig, list[LoraEmbeddingLayer]]:
+    """PEFT's ``cat``, ``linear`` and ``svd`` family (:mod:`tt_plugins.lora_combining`); scaling 1."""
+    rank = lora_combining.check(LoraEmbeddingConfig.method, [config.r for config in configs], combination)
+    states = []
+    for site in sites:
+        layers = cast(list[LoraEmbeddingLayer], site.states)
+        sources = [(state.lora_embedding_A, state.lora_embedding_B, state.scaling) for state in layers]
+        a, b = lora_combining.combine_factors(sources, combination, rank, site.modules[0])
+        state = LoraEmbeddingLayer(site.base_layer.weight, a.shape[0], 1.0)  # type: ignore[arg-type]
+        with torch.no_grad():
+            state.lora_embedding_A.copy_(a)
+            state.lora_embedding_B.copy_(b)
+        states.append(state)
+    first = configs[0]
+    config = LoraEmbeddingConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=first.target_modules,
+        adapt_tied_modules=first.adapt_tied_modules,
+    )
+    return config, states
 
 
 # ------------------------------------------------------------------ PEFT's LORA

@@ -12,19 +12,21 @@ PEFT. PEFT's LORA type on linear layers, with or without
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from tt_core import MethodRegister, hookimpl
 from tt_core.api import peft_hooks
+from tt_core.api.combining import Combination, CombineSite
 from tt_core.api.errors import ConfigError
 from tt_core.tensors.state import is_conv1d
 from tt_core.tensors.targets import named_base_modules, resolve_targets
 from tt_core.tensors.wrapper import AdapterLayer
-from tt_plugins import lora_options
+from tt_plugins import lora_combining, lora_options
 from tt_plugins.lora_linear.config import ALL_LINEAR, LoraLinearConfig
 from tt_plugins.lora_linear.layer import LoraLinearLayer
 from tt_plugins.trainable_tokens import plugin as tokens_plugin
@@ -160,6 +162,50 @@ def tie_handler(
             model=model, config=config.tokens_config(), target_name=target_name, base_layer=base_layer
         )
     return []
+
+
+@hookimpl
+def combine(
+    configs: list[LoraLinearConfig], sites: list[CombineSite], combination: Combination
+) -> tuple[LoraLinearConfig, list[LoraLinearLayer]]:
+    """As ``lora_embedding`` combines (:mod:`tt_plugins.lora_combining`); no trainable_token_indices."""
+    for name, config in zip(combination.adapters, configs, strict=True):
+        if config.trainable_token_indices is not None:
+            raise ConfigError(
+                f"adapter {name!r} also trains token rows (trainable_token_indices), which LoRA's "
+                "combination types do not cover; combine LoRA adapters without them, and their rows as "
+                "separate trainable_tokens adapters"
+            )
+    dropouts = {config.lora_dropout for config in configs}
+    if len(dropouts) > 1:
+        raise ConfigError(
+            f"adapters {list(combination.adapters)} have different lora_dropout {sorted(dropouts)}; the "
+            "combination has one, so give them the same"
+        )
+    rank = lora_combining.check(LoraLinearConfig.method, [config.r for config in configs], combination)
+    states = []
+    for site in sites:
+        layers = cast(list[LoraLinearLayer], site.states)
+        sources = [(state.lora_A, state.lora_B, state.scaling) for state in layers]
+        a, b = lora_combining.combine_factors(sources, combination, rank, site.modules[0])
+        first = layers[0]
+        state = LoraLinearLayer(
+            a.shape[1],
+            b.shape[0],
+            a.shape[0],
+            1.0,
+            dropout=first.dropout,
+            fan_in_fan_out=first.fan_in_fan_out,
+            device=first.lora_A.device,
+        )
+        with torch.no_grad():
+            state.lora_A.copy_(a)
+            state.lora_B.copy_(b)
+        states.append(state)
+    config = dataclasses.replace(
+        configs[0], r=rank, lora_alpha=rank, use_rslora=False, init_lora_weights=True
+    )
+    return config, states
 
 
 # ------------------------------------------------------------------ PEFT's LORA

@@ -15,6 +15,7 @@ from torch import nn
 
 from tt_core import MethodRegister, hookimpl
 from tt_core.api import peft_hooks
+from tt_core.api.combining import Combination, CombineSite
 from tt_core.api.errors import ConfigError
 from tt_core.tensors.targets import (
     find_tied_modules,
@@ -22,6 +23,7 @@ from tt_core.tensors.targets import (
     named_base_modules,
     resolve_targets,
 )
+from tt_plugins.trainable_tokens import combine as combining
 from tt_plugins.trainable_tokens.config import TrainableTokensConfig
 from tt_plugins.trainable_tokens.layer import TrainableTokensLayer
 
@@ -89,6 +91,14 @@ def tie_handler(
         # The rows are shared: a padding row of any module using the weight must stay as it is.
         _refuse_padding_row(mine, name, modules[name])
     return tied
+
+
+@hookimpl
+def combine(
+    configs: list[TrainableTokensConfig], sites: list[CombineSite], combination: Combination
+) -> tuple[TrainableTokensConfig, list[TrainableTokensLayer]]:
+    """Row by row over the union of the sources' rows (:mod:`tt_plugins.trainable_tokens.combine`)."""
+    return combining.combine(configs, sites, combination)
 
 
 # ------------------------------------------------------- PEFT's TRAINABLE_TOKENS
