@@ -478,7 +478,7 @@ class Registry:
             relocation, saved = self._relocation(base_model, into, tokenizer, infos, saved, strict)
             self._apply_relocation(base_model, into, tokenizer, relocation, infos)
         elif tokenizer is not None:
-            self._prepare_tokenizer(base_model, into, tokenizer, infos)
+            self._prepare_tokenizer(base_model, into, tokenizer, infos, saved, strict)
         target = into if into is not None else AdapterModel(base_model)
         loaded: list[str] = []
         try:
@@ -584,7 +584,13 @@ class Registry:
             model.tie_weights()
 
     def _prepare_tokenizer(
-        self, base_model: nn.Module, into: AdapterModel | None, tokenizer: Any, infos: list[Published]
+        self,
+        base_model: nn.Module,
+        into: AdapterModel | None,
+        tokenizer: Any,
+        infos: list[Published],
+        saved: dict[str, storage.SavedAdapter],
+        strict: bool,
     ) -> None:
         # Every check runs before the tokenizer changes: a refused load leaves it as it was.
         recorded: dict[str, dict[str, Any]] = {}  # by content, each with the spec that records it
@@ -611,6 +617,10 @@ class Registry:
                 f"the tokenizer would have {size} tokens but the model's embedding {rows} rows, "
                 "and a model carrying adapters cannot be resized; resize before adding adapters"
             )
+        # What the load checks after the resize (shapes, the base), checked before it.
+        vocabulary = vocabulary_modules(model)
+        for info in infos:
+            check_fits(saved[info.name], info.spec, model, max(rows, size), vocabulary, strict)
         sync_tokenizer(tokenizer, tokens, where)
         if rows < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))

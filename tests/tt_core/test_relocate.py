@@ -328,6 +328,19 @@ def test_an_adapter_of_another_base_is_refused_before_the_tokenizer_changes(regi
     assert len(tokenizer) == VOCAB and "<ref>" not in tokenizer.get_vocab()
 
 
+def test_without_relocate_an_adapter_of_another_base_is_refused_before_the_tokenizer_changes(registry):
+    # A plain load with a tokenizer checked the base only after adding the tokens and resizing.
+    tokenizer, model = word_tokenizer(), build(FAMILY, seed=3)
+    config = TrainableTokensConfig.add_new_tokens(model, tokenizer, {"<q>": "w50"})
+    registry.publish(get_adapter_model(model, config), "foreign", tokenizer=tokenizer)
+    tokenizer, base = word_tokenizer(), build(FAMILY)
+    before = untouched(base)
+    with pytest.raises(RegistryError, match="foreign@1 was trained on another base model.*strict=False"):
+        registry.load(base, "foreign", tokenizer=tokenizer)
+    assert_same(before, base)
+    assert len(tokenizer) == VOCAB and "<q>" not in tokenizer.get_vocab()
+
+
 # ------------------------------------------------------------------------------- tt merge
 def _tt(capsys, *argv):
     """Run ``tt argv...`` in this process: (exit status, stdout, stderr)."""
