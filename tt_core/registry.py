@@ -461,7 +461,7 @@ class Registry:
         get fresh ids, its rows move with them, and a
         :class:`~tt_core.relocation.RelocationWarning` says what moved (its
         ``relocation``; :meth:`plan_relocation` tells beforehand). See
-        docs/registry.md, "Token collisions".
+        docs/combining.md, "Token collisions".
         """
         spec_list = [specs] if isinstance(specs, str) else list(specs)
         if not isinstance(relocate, bool):

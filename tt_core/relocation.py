@@ -2,7 +2,7 @@
 
 Independently trained token adapters usually add their tokens at the same ids
 (after the same base vocabulary). ``Registry.load(..., relocate=True)`` loads
-them into one model and one tokenizer (docs/registry.md, "Token collisions"):
+them into one model and one tokenizer (docs/combining.md, "Token collisions"):
 
 - strings decide: a token whose string the tokenizer (or an earlier adapter)
   already has goes to that id, so the same string at the same id is shared;
