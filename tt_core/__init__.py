@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tt_core.model import AdapterModel, get_adapter_model
     from tt_core.plugins import get_plugin_manager
     from tt_core.registry import Registry
+    from tt_core.relocation import Relocation, RelocationWarning
     from tt_core.tensors.state import AdapterState
     from tt_core.tensors.wrapper import AdapterLayer
 
@@ -52,6 +53,8 @@ _LAZY = {
     "MethodRegister": "tt_core.api.register",
     "get_plugin_manager": "tt_core.plugins",
     "Registry": "tt_core.registry",
+    "Relocation": "tt_core.relocation",
+    "RelocationWarning": "tt_core.relocation",
 }
 
 __all__ = [
@@ -70,6 +73,8 @@ __all__ = [
     "AdapterState",
     "get_adapter_model",
     "Registry",
+    "Relocation",
+    "RelocationWarning",
     "get_plugin_manager",
     "hookimpl",
     "MethodRegister",
