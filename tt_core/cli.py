@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import os
+import select
 import shutil
 import signal
 import sys
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 _FAILED = 1
 _INTERRUPTED = 130
+# What a shell reports for a program that its reader stopped reading (128 + SIGPIPE), as for `head`'s writers.
+_READER_GONE = 141
 _COMMANDS = ("plugins", "inspect", "registry", "merge", "export", "demo")
 _REGISTRY_ACTIONS = ("list", "info", "publish", "rm", "verify", "gc", "copy")
 # Files that tell a transformers model folder also holds a tokenizer.
@@ -694,6 +697,8 @@ def _main(words: list[str], prog: str) -> int:
             print(f"{prog}: {_describe(error)}", file=sys.stderr)
             return _BAD_INPUT
         except OSError as error:  # the file system or the network said no
+            if isinstance(error, BrokenPipeError) and _reader_gone():
+                return _READER_GONE  # `tt ... | head`: whoever reads has what it wanted; nothing to report
             print(f"{prog}: {_describe(error)}", file=sys.stderr)
             return _FAILED
         except Exception as error:
@@ -701,6 +706,24 @@ def _main(words: list[str], prog: str) -> int:
                 raise
             print(f"{prog}: {type(error).__name__}: {_describe(error)}", file=sys.stderr)
             return _FAILED
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it; then stdout is pointed at /dev/null.
+
+    Pointing it away keeps the last flush (and Python's own at exit) from failing again.
+    """
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real file descriptor
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return gone
 
 
 # ------------------------------------------------------------ the program

@@ -182,3 +182,18 @@ def test_an_interrupt_python_drops_still_ends_tt_with_its_line_and_130():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (130, "tt plugins: interrupted\n")
+
+
+@pytest.mark.parametrize("argv", [["plugins"], ["registry", "list"]])
+def test_a_reader_that_stops_reading_ends_tt_quietly_with_141(argv, tmp_path):
+    # `tt registry list | head -0` printed "[Errno 32] Broken pipe" and exited 1.
+    if argv[0] == "registry":
+        argv = [*argv, "--registry", str(tmp_path / "registry")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tt_core.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before tt has written anything: its first write meets no reader
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert err == ""
