@@ -382,7 +382,7 @@ def _assert_same(before: dict[str, Any], after: dict[str, Any], what: str) -> No
     for name, (tensor, requires_grad) in before["tensors"].items():
         other, other_requires_grad = after["tensors"][name]
         same = tensor.shape == other.shape and torch.equal(
-            tensor.contiguous().view(torch.uint8), other.contiguous().view(torch.uint8)
+            tensor.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8)
         )
         assert same, f"{what}: {name} changed"
         assert requires_grad == other_requires_grad, f"{what}: {name}.requires_grad changed"

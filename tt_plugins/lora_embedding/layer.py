@@ -27,13 +27,18 @@ class LoraEmbeddingLayer(AdapterState):
     additive = True
     # The head update is added in place into a writable output, else into a copy; nothing is saved.
     keeps_output_writable = True
+    scaling: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, r: int, scaling: float, init_weights: bool = True) -> None:
         super().__init__()
         vocab, width = weight.shape
         device = weight.device
         self.r = r
-        self.scaling = scaling
+        # A tensor, not a Python float: a compiled graph reads it as an input, so a hot-swap to another
+        # lora_alpha (AdapterModel.hotswap_adapter) changes it in place without a recompile.
+        self.register_buffer(
+            "scaling", torch.tensor(float(scaling), dtype=torch.float32, device=device), persistent=False
+        )
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, vocab, device=device))
         self.lora_embedding_B = nn.Parameter(torch.randn(width, r, device=device))
         if not init_weights:
@@ -76,8 +81,7 @@ class LoraEmbeddingLayer(AdapterState):
         ``left`` comes flat, (tokens, r): one matrix product fewer per call.
         """
         left = hidden.reshape(-1, hidden.shape[-1]).to(output_dtype) @ self.lora_embedding_B.to(output_dtype)
-        if self.scaling != 1:
-            left = left * self.scaling
+        left = left * self.scaling  # x 1.0 is exact; no branch on a tensor's value
         return left, self.lora_embedding_A.to(output_dtype)
 
     def low_rank_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,4 +108,4 @@ class LoraEmbeddingLayer(AdapterState):
         weight.sub_(self.delta_weight().to(weight.dtype))
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, vocab={self.lora_embedding_A.shape[1]}"
+        return f"r={self.r}, scaling={float(self.scaling):g}, vocab={self.lora_embedding_A.shape[1]}"

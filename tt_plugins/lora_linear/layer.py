@@ -27,6 +27,7 @@ class LoraLinearLayer(AdapterState):
     # The update is added in place into a writable output, else into a copy; nothing is saved.
     keeps_output_writable = True
     adapts_conv1d = True
+    scaling: torch.Tensor
 
     def __init__(
         self,
@@ -42,7 +43,11 @@ class LoraLinearLayer(AdapterState):
     ) -> None:
         super().__init__()
         self.r = r
-        self.scaling = scaling
+        # A tensor, not a Python float: a compiled graph reads it as an input, so a hot-swap to another
+        # lora_alpha (AdapterModel.hotswap_adapter) changes it in place without a recompile.
+        self.register_buffer(
+            "scaling", torch.tensor(float(scaling), dtype=torch.float32, device=device), persistent=False
+        )
         self.dropout = dropout
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
@@ -76,8 +81,7 @@ class LoraLinearLayer(AdapterState):
         if self.dropout and self.training:
             flat = F.dropout(flat, self.dropout, training=True)
         left = flat @ self.lora_A.T.to(output_dtype)
-        if self.scaling != 1:
-            left = left * self.scaling
+        left = left * self.scaling  # x 1.0 is exact; no branch on a tensor's value
         return left, self.lora_B.T.to(output_dtype)
 
     def low_rank_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +113,6 @@ class LoraLinearLayer(AdapterState):
     def extra_repr(self) -> str:
         out_features, in_features = self.lora_B.shape[0], self.lora_A.shape[1]
         return (
-            f"in={in_features}, out={out_features}, r={self.r}, scaling={self.scaling:g}, "
+            f"in={in_features}, out={out_features}, r={self.r}, scaling={float(self.scaling):g}, "
             f"dropout={self.dropout:g}, fan_in_fan_out={self.fan_in_fan_out}"
         )
