@@ -38,3 +38,13 @@ def merge(state: AdapterState, weight: torch.Tensor, unmerge: bool) -> bool:
     else:
         state.merge_into(weight)
     return True
+
+
+@hookimpl(trylast=True)
+def hotswap(state: AdapterState, source: AdapterState) -> bool:
+    """Every parameter and buffer of ``source`` copied into ``state``'s own.
+
+    See :meth:`~tt_core.AdapterState.copy_tensors_from`.
+    """
+    state.copy_tensors_from(source)
+    return True

@@ -475,6 +475,20 @@ class Registry:
                 target.eval()
         return target
 
+    def hotswap(self, spec: str, adapter_model: AdapterModel, adapter_name: str) -> None:
+        """Hot-swap the published adapter ``spec`` into ``adapter_model``'s ``adapter_name``.
+
+        See :meth:`AdapterModel.hotswap_adapter`: same method, modules and
+        shapes; the tensors are replaced in place, so a compiled model does not
+        recompile. On any error nothing changes.
+        """
+        info = self.info(spec)
+        try:
+            saved = self._read_adapter(info)
+        except (FileNotFoundError, storage.MissingFiles):
+            raise RegistryError(f"{info.spec} was removed while it was being read") from None
+        adapter_model.hotswap_saved(adapter_name, saved)
+
     def _prepare_tokenizer(
         self, base_model: nn.Module, into: AdapterModel | None, tokenizer: Any, infos: list[Published]
     ) -> None:

@@ -18,6 +18,11 @@ The order of calls when ``add_adapter`` runs for a config::
 and on ``merge_adapter`` / ``unmerge_adapter``, once per adapted weight::
 
     merge(state, weight, unmerge)                    -> True once done
+
+and on ``hotswap_adapter``, once per adapted weight, after the source's states
+were built with ``create_layer`` for the same modules::
+
+    hotswap(state, source)                           -> True once done
 """
 
 from __future__ import annotations
@@ -105,6 +110,26 @@ def merge(state: AdapterState, weight: torch.Tensor, unmerge: bool) -> bool | No
     exactly; the core unmerges in the reverse order of merging. Return
     ``True`` when handled; anything else is an error and the core undoes the
     merges it already made.
+    """
+
+
+@hookspec(firstresult=True)
+def hotswap(state: AdapterState, source: AdapterState) -> bool | None:
+    """Make ``state`` compute what ``source`` computes, in place.
+
+    ``source`` is a state of the same method, built by ``create_layer`` for
+    the same base module (from another adapter, or from a saved folder).
+    Tensors that keep their shape must keep their identity (copy into them):
+    a model compiled with ``torch.compile`` reads them as graph inputs, so it
+    then runs the new adapter without recompiling. Keep whatever decides the
+    outputs in tensors rather than Python numbers, which a compiled graph
+    holds as constants (the LoRA plugins keep ``scaling`` in a buffer).
+    Raise ``ValueError`` (:class:`tt_core.ConfigError`) naming what differs
+    and the fix when ``state`` cannot take ``source`` (another rank, another
+    number of rows), before changing anything. Default:
+    :meth:`AdapterState.copy_tensors_from`, which copies every parameter and
+    buffer of equal name and shape and refuses anything else. Return
+    ``True`` when done. Never called for a merged adapter.
     """
 
 

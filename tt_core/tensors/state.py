@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tt_core.api.errors import ConfigError
+
 
 class AppliedAdapters(list):
     """The ``earlier`` argument of :meth:`AdapterState.project`: the adapters applied so far, in order.
@@ -180,6 +182,42 @@ class AdapterState(nn.Module):
     def unmerge_from(self, weight: torch.Tensor) -> None:
         """Undo :meth:`merge_into` on ``weight``."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged: implement unmerge_from")
+
+    def copy_tensors_from(self, source: AdapterState) -> None:
+        """Copy every parameter and buffer of ``source`` into this state's own, in place.
+
+        The core's default ``hotswap`` hook. The two must hold the same names
+        with the same shapes; anything else is a :class:`ConfigError` naming
+        the difference, raised before any tensor changes. The tensors keep
+        their identity, dtype, device and ``requires_grad``.
+        """
+        mine = self._all_tensors()
+        theirs = source._all_tensors()
+        missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+        different = [
+            f"{name} {tuple(theirs[name].shape)} (this adapter's: {tuple(tensor.shape)})"
+            for name, tensor in mine.items()
+            if name in theirs and tensor.shape != theirs[name].shape
+        ]
+        if missing or extra or different:
+            parts = [
+                f"tensors {missing} missing" if missing else "",
+                f"tensors {extra} it does not have" if extra else "",
+                f"tensors of other shapes: {', '.join(different)}" if different else "",
+            ]
+            raise ConfigError(
+                f"a {type(source).__name__} cannot be hot-swapped into this {type(self).__name__}: "
+                f"the source has {'; '.join(part for part in parts if part)}. Hot-swapping replaces tensors "
+                "in place, so the shapes must match; load the source as a new adapter (load_adapter) instead"
+            )
+        with torch.no_grad():
+            for name, tensor in mine.items():
+                tensor.copy_(theirs[name])
+
+    def _all_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = dict(self.named_parameters())
+        tensors.update(self.named_buffers())
+        return tensors
 
     def commutes_with(self, other: AdapterState) -> bool:
         """Whether applying the two adapters in either order gives the same weight."""

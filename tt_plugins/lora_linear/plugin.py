@@ -162,6 +162,22 @@ def tie_handler(
     return []
 
 
+@hookimpl
+def hotswap(state: Any, source: Any) -> bool:
+    """The source's factors, scaling and dropout (or, on the embedding, its token rows) into this state."""
+    if isinstance(state, TrainableTokensLayer):  # trainable_token_indices
+        return tokens_plugin.hotswap(state=state, source=source)
+    if source.r != state.r:
+        raise ConfigError(
+            f"the source has rank {source.r} and this adapter rank {state.r}: a hot-swap writes the factors "
+            "into this adapter's in place, so the ranks must match. Load the source as a new adapter "
+            "(load_adapter) instead"
+        )
+    state.copy_tensors_from(source)  # lora_A, lora_B and the scaling buffer
+    state.dropout = source.dropout
+    return True
+
+
 # ------------------------------------------------------------------ PEFT's LORA
 # PEFT's lora.Linear holds lora_A.weight (r, in) and lora_B.weight (out, r) and adds
 # scaling * lora_B(lora_A(dropout(x))) to the base output: this state's lora_A and lora_B, same layout,
