@@ -85,7 +85,7 @@ class _ReplaceColumns(torch.autograd.Function):
         keep: torch.Tensor | None,
     ) -> torch.Tensor:
         columns = F.linear(hidden, rows.to(hidden.dtype), bias_columns).to(output.dtype)
-        ctx.save_for_backward(hidden, rows, previous, token_indices, keep)
+        ctx.save_for_backward(hidden, rows, previous, token_indices, keep)  # type: ignore[arg-type]
         ctx.mark_dirty(output)
         output.index_copy_(-1, token_indices, columns)
         return output  # the very tensor marked dirty: dynamo traces only that form
