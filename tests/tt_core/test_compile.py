@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import batch, build, logits, reference_logits
+from models import WIDTH, batch, build, logits, reference_logits
 from numerics import assert_same_math
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -152,6 +152,24 @@ def test_two_token_adapters_sharing_an_id_give_the_reference_gradients():
     for name, row in zip(("tokens", "tokens2"), rows, strict=True):
         assert_same_math(grads[f"{prefix}.{name}.trainable_tokens_rows"], row.grad)
     assert rows[0].grad[TOKENS.index(17)].abs().sum() == 0  # overwritten by tokens2: no gradient
+
+
+@pytest.mark.parametrize("target", ["linear", "lora"])
+def test_a_lora_scaling_is_a_float32_number_whatever_the_models_dtype(target):
+    """Kept in a buffer (a compiled graph's input), it multiplies as the Python float alpha / r would."""
+    adapter_model = AdapterModel(build(FAMILY))
+    config = CONFIGS[target]()
+    config.lora_alpha, config.r = 1, 3  # scaling 1/3: not a bfloat16 number
+    adapter_model.add_adapter("third", config)
+    adapter_model.set_adapter("third")
+    adapter_model.to(torch.bfloat16)
+    layer = adapter_model.model.get_submodule("mix" if target == "linear" else "head")
+    state = layer.adapters["third"]
+    assert state.scaling.dtype == torch.float32 and float(state.scaling) == torch.tensor(1 / 3).item()
+    hidden = torch.randn(5, WIDTH, dtype=torch.bfloat16)
+    left, _ = state.low_rank_factors(hidden, torch.bfloat16)
+    weight = state.lora_A if target == "linear" else state.lora_embedding_B.T
+    assert torch.equal(left, (hidden @ weight.T.to(torch.bfloat16)) * (1 / 3))
 
 
 class _HostReads(TorchDispatchMode):

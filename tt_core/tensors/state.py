@@ -101,9 +101,24 @@ class AdapterState(nn.Module):
     #: False (the default): the core refuses to put the state on a ``Conv1D``.
     adapts_conv1d: ClassVar[bool] = False
 
+    #: Buffers holding numbers the outputs scale by (LoRA's ``scaling``), kept in a tensor so that a
+    #: compiled graph reads them as inputs: they stay float32 when the model is cast to another
+    #: dtype (``.to(torch.bfloat16)``), as a Python float would, and only follow it to a device.
+    #: Multiply with :func:`scaled`.
+    float32_buffers: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self) -> None:
         super().__init__()
         self.merged = False
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterState:
+        kept = {name: self._buffers.get(name) for name in self.float32_buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers.get(name)
+            if before is not None and after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)  # the number as it was, where it went
+        return self
 
     def touched_rows(self) -> torch.Tensor | None:
         """The weight rows this adapter changes, or ``None`` for all of them."""
@@ -227,6 +242,18 @@ class AdapterState(nn.Module):
         if mine is None or theirs is None:
             return False
         return not bool(torch.isin(mine, theirs.to(mine.device)).any())
+
+
+def scaled(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``tensor * factor`` (a 0-d float32 tensor) in ``tensor``'s dtype, as a Python float would multiply.
+
+    A half-precision tensor is multiplied in float32 and rounded once (on a GPU,
+    a 0-d device tensor would otherwise be rounded to half precision first);
+    any other is multiplied as it is.
+    """
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return (tensor.float() * factor).to(tensor.dtype)
+    return tensor * factor
 
 
 def is_conv1d(module: nn.Module) -> bool:
