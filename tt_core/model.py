@@ -738,11 +738,14 @@ class AdapterModel(nn.Module):
                         f"the hotswap hook of method {config.method!r} did not return True for "
                         f"{site.modules[0]}; it must return True once the state computes what the source does"
                     )
+            # What a save records of the base depends on the rows the adapter replaces (formats/native.py).
+            fingerprint = native.base_fingerprint(self.model, record.sites)
         except BaseException:
             for site, backup in zip(record.sites[:started], backups, strict=False):
                 hooks.hotswap(state=site.state, source=backup)
             raise
         record.config = copy.deepcopy(config)
+        record.fingerprint = fingerprint
         # The adapter bank (branch "bank") keeps copies of the adapters' tensors for compiled and
         # per-sample serving; until it lands here, this model may not have it.
         refresh = getattr(self, "refresh_adapter_tables", None)

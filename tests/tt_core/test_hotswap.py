@@ -76,10 +76,12 @@ def _outputs(adapter_model: AdapterModel, stack: str) -> torch.Tensor:
     return out
 
 
-def _files(folder: Path, adapter: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    path = folder / json.loads((folder / "manifest.json").read_text())["adapters"][adapter]["path"]
+def _files(folder: Path, adapter: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """The saved config, tensors and base (what the manifest records of the base model)."""
+    entry = json.loads((folder / "manifest.json").read_text())["adapters"][adapter]
+    path = folder / entry["path"]
     config = json.loads((path / "adapter_config.json").read_text())
-    return config, load_file(path / "adapter_model.safetensors")
+    return config, load_file(path / "adapter_model.safetensors"), entry["base"]
 
 
 @pytest.mark.parametrize("method", list(PAIRS))
@@ -94,8 +96,9 @@ def test_a_hot_swap_from_another_adapter_computes_and_saves_as_that_adapter(meth
     assert after.keys() == kept.keys() and all(after[k] is kept[k] for k in kept)  # the same tensors
     assert adapter_model.adapter_configs["a"] == adapter_model.adapter_configs["b"]
     adapter_model.save_pretrained(tmp_path)
-    (config_a, tensors_a), (config_b, tensors_b) = _files(tmp_path, "a"), _files(tmp_path, "b")
-    assert config_a == config_b
+    config_a, tensors_a, base_a = _files(tmp_path, "a")
+    config_b, tensors_b, base_b = _files(tmp_path, "b")
+    assert config_a == config_b and base_a == base_b
     assert tensors_a.keys() == tensors_b.keys()
     assert all(torch.equal(tensors_a[key], tensors_b[key]) for key in tensors_b)
 
