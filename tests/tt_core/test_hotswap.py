@@ -103,6 +103,17 @@ def test_a_hot_swap_from_another_adapter_computes_and_saves_as_that_adapter(meth
     assert all(torch.equal(tensors_a[key], tensors_b[key]) for key in tensors_b)
 
 
+def test_a_hot_swap_from_a_merged_adapter_takes_its_weights_not_its_merge():
+    adapter_model = _model("trainable_tokens")
+    expected = _outputs(adapter_model, "b")
+    adapter_model.set_adapter("b")
+    adapter_model.merge_adapter()
+    adapter_model.hotswap_adapter("a", "b")
+    adapter_model.unmerge_adapter()
+    assert_same_math(_outputs(adapter_model, "a"), expected)
+    assert_same_math(_outputs(adapter_model, "b"), expected)
+
+
 @pytest.mark.parametrize("form", ["native", "peft"])
 @pytest.mark.parametrize("method", ["trainable_tokens", "lora_embedding"])
 def test_a_hot_swap_from_a_folder_equals_loading_it(method, form, tmp_path):

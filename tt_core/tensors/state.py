@@ -198,16 +198,16 @@ class AdapterState(nn.Module):
         """Undo :meth:`merge_into` on ``weight``."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged: implement unmerge_from")
 
-    def copy_tensors_from(self, source: AdapterState) -> None:
-        """Copy every parameter and buffer of ``source`` into this state's own, in place.
+    def copy_tensors_from(self, source: AdapterState, names: list[str] | None = None) -> None:
+        """Copy every parameter and buffer of ``source`` (or those ``names``) into this state's own, in place.
 
         The core's default ``hotswap`` hook. The two must hold the same names
         with the same shapes; anything else is a :class:`ConfigError` naming
         the difference, raised before any tensor changes. The tensors keep
         their identity, dtype, device and ``requires_grad``.
         """
-        mine = self._all_tensors()
-        theirs = source._all_tensors()
+        mine = self._all_tensors(names)
+        theirs = source._all_tensors(names)
         missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
         different = [
             f"{name} {tuple(theirs[name].shape)} (this adapter's: {tuple(tensor.shape)})"
@@ -229,10 +229,12 @@ class AdapterState(nn.Module):
             for name, tensor in mine.items():
                 tensor.copy_(theirs[name])
 
-    def _all_tensors(self) -> dict[str, torch.Tensor]:
+    def _all_tensors(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = dict(self.named_parameters())
         tensors.update(self.named_buffers())
-        return tensors
+        if names is None:
+            return tensors
+        return {name: tensors[name] for name in names if name in tensors}
 
     def commutes_with(self, other: AdapterState) -> bool:
         """Whether applying the two adapters in either order gives the same weight."""

@@ -104,7 +104,8 @@ def hotswap(state: TrainableTokensLayer, source: TrainableTokensLayer) -> bool:
             f"this adapter's {ours} in place, so the numbers must match. Load the source as a new adapter "
             "(load_adapter) instead, or train the adapters with as many ids"
         )
-    state.copy_tensors_from(source)
+    # Not base_rows: what a merged source keeps to unmerge is its own business.
+    state.copy_tensors_from(source, [*TrainableTokensLayer.ID_BUFFERS, "trainable_tokens_rows"])
     return True
 
 
