@@ -51,3 +51,13 @@ def combine(configs: list[AdapterConfig], sites: list[CombineSite], combination:
         f"so {list(combination.adapters)} cannot be combined; combine adapters of a method that does "
         "(trainable_tokens, lora_embedding, lora_linear)"
     )
+
+
+@hookimpl(trylast=True)
+def hotswap(state: AdapterState, source: AdapterState) -> bool:
+    """Every parameter and buffer of ``source`` copied into ``state``'s own.
+
+    See :meth:`~tt_core.AdapterState.copy_tensors_from`.
+    """
+    state.copy_tensors_from(source)
+    return True

@@ -11,6 +11,7 @@ from tt_core.tensors.state import (
     embedding_scale,
     is_conv1d,
     output_writable,
+    scaled,
 )
 from tt_core.tensors.wrapper import AdapterLayer
 
@@ -23,4 +24,5 @@ __all__ = [
     "is_conv1d",
     "output_writable",
     "replace_columns",
+    "scaled",
 ]

@@ -132,6 +132,15 @@ class AdapterModel(nn.Module):
                 "pick another name or delete_adapter() it first"
             )
         config = copy.deepcopy(config)  # later edits to the caller's object change nothing here
+        sites = self._new_sites(adapter_name, config)
+        # Every check passed: only now is the model touched.
+        self._install(adapter_name, AdapterRecord(config, sites, False, not is_trainable, {}))
+
+    def _new_sites(self, adapter_name: str, config: AdapterConfig) -> list[Site]:
+        """The states ``config``'s plugin creates for this model, and the modules each applies to.
+
+        Every check runs here; nothing on the model changes.
+        """
         manager = get_plugin_manager()
         hooks = manager.hooks_for(manager.method_for(config).name)
         targets = hooks.detect_target(model=self.model, config=config)
@@ -164,8 +173,7 @@ class AdapterModel(nn.Module):
                 AdapterLayer.check_wrappable(name, modules[name], site.state)
             covered.update(site.modules)
             sites.append(site)
-        # Every check passed: only now is the model touched.
-        self._install(adapter_name, AdapterRecord(config, sites, False, not is_trainable, {}))
+        return sites
 
     def _install(self, adapter_name: str, record: AdapterRecord) -> None:
         """Put the checked sites of a new, inactive and frozen adapter on the model; record it."""
@@ -678,6 +686,134 @@ class AdapterModel(nn.Module):
                 self.delete_adapter(name)
             raise
         return active
+
+    # --------------------------------------------------------------- hot-swap
+    def hotswap_adapter(
+        self, adapter_name: str, source: str | os.PathLike[str], *, source_name: str | None = None
+    ) -> None:
+        """Replace ``adapter_name``'s weights in place by ``source``'s: it then computes what the source does.
+
+        ``source`` is the name of another adapter on this model, or a saved
+        folder (native or PEFT format; ``source_name`` picks one adapter of a
+        folder holding several). It must be of the same method, on the same
+        modules, with tensors of the same shapes (rank, number of token ids).
+        The tensors keep their identity, so a ``torch.compile``'d model runs
+        the new weights without recompiling. The adapter keeps its name,
+        place in the stack and trainability; its config becomes the
+        source's, so saving it afterwards writes the source. Refused while it
+        is merged; on any error nothing changes.
+        """
+        if not isinstance(adapter_name, str):
+            raise ArgumentTypeError(f"adapter_name must be an adapter name, got {adapter_name!r}")
+        self._check_known([adapter_name])
+        if source_name is not None and not isinstance(source_name, str):
+            raise ArgumentTypeError(f"source_name must be an adapter name or None, got {source_name!r}")
+        if isinstance(source, str) and source in self._records:
+            if source_name is not None:
+                raise ArgumentTypeError(
+                    f"source_name picks an adapter of a saved folder, and {source!r} is an adapter of this "
+                    "model; drop source_name"
+                )
+            record = self._records[source]
+            self._hotswap(adapter_name, record.config, record.sites, f"adapter {source!r}")
+            return
+        if not isinstance(source, (str, os.PathLike)):
+            raise ArgumentTypeError(
+                f"source must be the name of an adapter of this model or a saved folder, got {source!r}"
+            )
+        path = Path(source)
+        if not path.is_dir():
+            raise ConfigError(
+                f"{str(source)!r} is neither an adapter of this model (it has {self.adapters}) nor a folder; "
+                "pass an adapter's name, or a folder written by save_pretrained()"
+            )
+        if peft.is_peft_folder(path):  # converted as loading converts it (docs/peft.md)
+            converted, _ = peft.read(path, source_name, model=self.model)
+            if len(converted) != 1:
+                raise ConfigError(
+                    f"{path} holds the PEFT adapters {sorted(converted)}; pick the one to hot-swap in with "
+                    "source_name="
+                )
+            saved = next(iter(converted.values()))
+        else:
+            saved = storage.read(path, source_name)
+        self.hotswap_saved(adapter_name, saved)
+
+    def hotswap_saved(self, adapter_name: str, saved: storage.SavedAdapter, strict: bool = True) -> None:
+        """:meth:`hotswap_adapter` from the verified adapter ``saved`` (read by :mod:`tt_core.disk.storage`).
+
+        ``strict=False`` takes an adapter saved from another base model, with a
+        warning, as :meth:`load_adapter` does.
+        """
+        self._check_known([adapter_name])
+        config, tensors = native.read_adapter(saved, adapter_name, self.model, strict)
+        where = f"the adapter in {saved.folder}"
+        self._check_swappable(adapter_name, config, None, where)
+        sites = self._new_sites(adapter_name, config)
+        source = AdapterRecord(config, sites, False, True, {})
+        native.fill(source, tensors, saved.folder / manifest.WEIGHTS_FILE)
+        self._hotswap(adapter_name, config, sites, where)
+
+    def _check_swappable(
+        self, adapter_name: str, config: AdapterConfig, sites: list[Site] | None, where: str
+    ) -> None:
+        """Refuse a hot-swap of ``where`` (``config``, its ``sites``) into ``adapter_name``, saying why."""
+        record = self._records[adapter_name]
+        if adapter_name in self._merges.merged:
+            raise AdapterStateError(
+                f"adapter {adapter_name!r} is merged into the base weights, which a hot-swap would leave "
+                "holding the old weights; unmerge_adapter() first, hot-swap, then merge_adapter() again"
+            )
+        if config.method != record.config.method:
+            raise ConfigError(
+                f"{where} is a {config.method!r} adapter and {adapter_name!r} a {record.config.method!r} "
+                "one; a hot-swap keeps the method. Load it as a new adapter (load_adapter) instead"
+            )
+        if sites is None:
+            return
+        ours, theirs = [site.modules for site in record.sites], [site.modules for site in sites]
+        if ours != theirs:
+            raise ConfigError(
+                f"{where} adapts {theirs} and {adapter_name!r} adapts {ours}; a hot-swap keeps the modules. "
+                "Load it as a new adapter (load_adapter) instead"
+            )
+        for site, other in zip(record.sites, sites, strict=True):
+            if type(site.state) is not type(other.state):
+                raise ConfigError(
+                    f"on {site.modules[0]} {where} holds a {type(other.state).__name__} and "
+                    f"{adapter_name!r} a {type(site.state).__name__}; a hot-swap keeps the kind of state. "
+                    "Load it as a new adapter (load_adapter) instead"
+                )
+
+    def _hotswap(self, adapter_name: str, config: AdapterConfig, sites: list[Site], where: str) -> None:
+        """Make each state of ``adapter_name`` compute what the matching one of ``sites`` does (the hook)."""
+        self._check_swappable(adapter_name, config, sites, where)
+        record = self._records[adapter_name]
+        manager = get_plugin_manager()
+        hooks = manager.hooks_for(record.config.method)
+        backups = [copy.deepcopy(site.state) for site in record.sites]
+        started = 0
+        try:
+            for site, other in zip(record.sites, sites, strict=True):
+                started += 1
+                if hooks.hotswap(state=site.state, source=other.state) is not True:
+                    raise PluginError(
+                        f"the hotswap hook of method {config.method!r} did not return True for "
+                        f"{site.modules[0]}; it must return True once the state computes what the source does"
+                    )
+            # What a save records of the base depends on the rows the adapter replaces (formats/native.py).
+            fingerprint = native.base_fingerprint(self.model, record.sites)
+        except BaseException:
+            for site, backup in zip(record.sites[:started], backups, strict=False):
+                hooks.hotswap(state=site.state, source=backup)
+            raise
+        record.config = copy.deepcopy(config)
+        record.fingerprint = fingerprint
+        # The adapter bank (branch "bank") keeps copies of the adapters' tensors for compiled and
+        # per-sample serving; until it lands here, this model may not have it.
+        refresh = getattr(self, "refresh_adapter_tables", None)
+        if callable(refresh):
+            refresh()
 
     def adapter_record(self, adapter_name: str) -> AdapterRecord:
         """The record of one adapter (config, sites, base fingerprint), as the formats take it."""

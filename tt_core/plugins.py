@@ -218,6 +218,7 @@ class MethodHooks:
         self.create_layer = manager.subset_hook_caller("create_layer", others)
         self.tie_handler = manager.subset_hook_caller("tie_handler", others)
         self.merge = manager.subset_hook_caller("merge", others)
+        self.hotswap = manager.subset_hook_caller("hotswap", others)
         self.peft_export = manager.subset_hook_caller("peft_export", others)
         self.combine = manager.subset_hook_caller("combine", others)
 

@@ -583,6 +583,20 @@ class Registry:
         if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
             model.tie_weights()
 
+    def hotswap(self, spec: str, adapter_model: AdapterModel, adapter_name: str) -> None:
+        """Hot-swap the published adapter ``spec`` into ``adapter_model``'s ``adapter_name``.
+
+        See :meth:`AdapterModel.hotswap_adapter`: same method, modules and
+        shapes; the tensors are replaced in place, so a compiled model does not
+        recompile. On any error nothing changes.
+        """
+        info = self.info(spec)
+        try:
+            saved = self._read_adapter(info)
+        except (FileNotFoundError, storage.MissingFiles):
+            raise RegistryError(f"{info.spec} was removed while it was being read") from None
+        adapter_model.hotswap_saved(adapter_name, saved)
+
     def _prepare_tokenizer(
         self,
         base_model: nn.Module,

@@ -42,6 +42,12 @@ The checks (each named in :data:`CHECKS`):
 ``save_load``
     ``save_pretrained`` then ``from_pretrained`` on a fresh base keeps the
     config, the stack and the outputs; the manifest names the method.
+``hotswap``
+    ``hotswap_adapter`` from a second adapter of the same config (its
+    parameters moved off the first's) makes the adapter give that adapter's
+    outputs, in inference and in training with the reference gradients, in
+    the tensors it had (a compiled model keeps reading them); a merged
+    adapter is refused with nothing changed.
 ``bad_configs``
     Each bad config is refused with ``ValueError`` or ``TypeError`` (when
     built or when added) and the model is left bit for bit as it was.
@@ -114,6 +120,7 @@ CHECKS = (
     "forward_hooks",
     "merge",
     "save_load",
+    "hotswap",
     "bad_configs",
     "per_call_work",
 )
@@ -382,7 +389,7 @@ def _assert_same(before: dict[str, Any], after: dict[str, Any], what: str) -> No
     for name, (tensor, requires_grad) in before["tensors"].items():
         other, other_requires_grad = after["tensors"][name]
         same = tensor.shape == other.shape and torch.equal(
-            tensor.contiguous().view(torch.uint8), other.contiguous().view(torch.uint8)
+            tensor.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8)
         )
         assert same, f"{what}: {name} changed"
         assert requires_grad == other_requires_grad, f"{what}: {name}.requires_grad changed"
@@ -547,6 +554,53 @@ def check_save_load(family: str, make_config: ConfigFactory, fold: Fold) -> None
         _close(_logits(loaded, case.inputs), stacked, f"{family}: the loaded adapters give other outputs")
 
 
+def check_hotswap(family: str, make_config: ConfigFactory, fold: Fold) -> None:
+    case = _Case(family, make_config, fold)
+    model = case.model
+    source = "hotswap_source"
+    model.add_adapter(source, make_config(VOCAB))
+    with torch.no_grad():  # other values than the adapter under test, whatever the config's init
+        for parameter in _parameters(model, source).values():
+            if parameter.is_floating_point():
+                parameter.add_(torch.randn_like(parameter) * 0.1 * (parameter.abs().mean() + 0.1))
+    model.set_adapter(source)
+    expected = case.run()
+    model.set_adapter(NAME)
+    before = case.run()
+    assert not torch.allclose(before, expected, atol=ATOL, rtol=ATOL), (
+        f"{family}: the adapter and its hot-swap source give the same outputs; the check cannot tell"
+    )
+    tensors = {
+        f"[{index}].{key}": tensor
+        for index, state in enumerate(_state(model, NAME))
+        for key, tensor in [*state.named_parameters(), *state.named_buffers()]
+    }
+    model.merge_adapter()
+    merged = _snapshot(model)
+    try:
+        model.hotswap_adapter(NAME, source)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(f"{family}: hotswap_adapter into a merged adapter must raise ValueError")
+    _assert_same(merged, _snapshot(model), f"{family}: a refused hot-swap into a merged adapter")
+    model.unmerge_adapter()
+    model.hotswap_adapter(NAME, source)
+    _close(case.run(), expected, f"{family}: after hotswap_adapter the outputs are not the source's")
+    _close(case.run(), case.expected([NAME]), f"{family}: after hotswap_adapter the outputs are not fold's")
+    after = {
+        f"[{index}].{key}": tensor
+        for index, state in enumerate(_state(model, NAME))
+        for key, tensor in [*state.named_parameters(), *state.named_buffers()]
+    }
+    replaced = sorted(key for key in tensors if after.get(key) is not tensors[key])
+    assert not replaced, (
+        f"{family}: hotswap_adapter replaced the tensors {replaced}; copy into them (a compiled model "
+        "keeps reading the old ones)"
+    )
+    case.compare_training([NAME], f"{family}, after hotswap_adapter")
+
+
 def check_bad_configs(
     family: str, make_config: ConfigFactory, fold: Fold, bad_configs: Sequence[BadConfig]
 ) -> None:
@@ -691,6 +745,7 @@ _CHECKS: dict[str, Callable[..., None]] = {
     "forward_hooks": check_forward_hooks,
     "merge": check_merge,
     "save_load": check_save_load,
+    "hotswap": check_hotswap,
     "per_call_work": check_per_call_work,
 }
 

@@ -22,6 +22,11 @@ and on ``merge_adapter`` / ``unmerge_adapter``, once per adapted weight::
 and on ``add_weighted_adapter``, once for the whole new adapter::
 
     combine(configs, sites, combination)            -> (config, one AdapterState per site)
+
+and on ``hotswap_adapter``, once per adapted weight, after the source's states
+were built with ``create_layer`` for the same modules::
+
+    hotswap(state, source)                           -> True once done
 """
 
 from __future__ import annotations
@@ -138,6 +143,26 @@ def combine(
     :meth:`~tt_core.api.combining.Combination.refuse_unsupported` for a type
     the method does not support. Default: refuses, saying the method does not
     implement combining.
+    """
+
+
+@hookspec(firstresult=True)
+def hotswap(state: AdapterState, source: AdapterState) -> bool | None:
+    """Make ``state`` compute what ``source`` computes, in place.
+
+    ``source`` is a state of the same method, built by ``create_layer`` for
+    the same base module (from another adapter, or from a saved folder).
+    Tensors that keep their shape must keep their identity (copy into them):
+    a model compiled with ``torch.compile`` reads them as graph inputs, so it
+    then runs the new adapter without recompiling. Keep whatever decides the
+    outputs in tensors rather than Python numbers, which a compiled graph
+    holds as constants (the LoRA plugins keep ``scaling`` in a buffer).
+    Raise ``ValueError`` (:class:`tt_core.ConfigError`) naming what differs
+    and the fix when ``state`` cannot take ``source`` (another rank, another
+    number of rows), before changing anything. Default:
+    :meth:`AdapterState.copy_tensors_from`, which copies every parameter and
+    buffer of equal name and shape and refuses anything else. Return
+    ``True`` when done. Never called for a merged adapter.
     """
 
 

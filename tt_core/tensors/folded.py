@@ -77,7 +77,8 @@ class FoldedStack:
     ``right`` (r x width, times the embedding's scale), row ``i`` changes by
     ``table[i] @ right``. Each is the adapters' factors concatenated in
     stack order. Replaced part (None without row-replacing adapters): ``ids``,
-    the union of the rows they replace, sorted; ``rows``, those rows of the
+    the rows they replace, concatenated and sorted (an id two adapters replace
+    appears twice, with equal rows); ``rows``, those rows of the
     stacked weight (for an embedding times its scale); ``bias``, the head's
     bias at ``ids``. All in the output's dtype.
     """
@@ -113,7 +114,9 @@ class FoldedStack:
                 ids for state in states if not state.additive and (ids := state.touched_rows()) is not None
             ]
             if touched:
-                ids = torch.cat(touched).unique()  # sorted
+                # Sorted for the embedding's searchsorted; an id two adapters replace stays twice, with
+                # equal rows (no ``unique``: no host sync, nothing sized by the values).
+                ids = torch.sort(torch.cat(touched)).values
                 weight: torch.Tensor = base_layer.weight  # type: ignore[assignment]
                 rows = weight[ids]
                 for state in states:

@@ -82,22 +82,26 @@ class _ReplaceColumns(torch.autograd.Function):
         bias_columns: torch.Tensor | None,
         previous: torch.Tensor,
         token_indices: torch.Tensor,
+        keep: torch.Tensor | None,
     ) -> torch.Tensor:
         columns = F.linear(hidden, rows.to(hidden.dtype), bias_columns).to(output.dtype)
-        ctx.save_for_backward(hidden, rows, previous, token_indices)
+        ctx.save_for_backward(hidden, rows, previous, token_indices, keep)  # type: ignore[arg-type]
         ctx.mark_dirty(output)
-        return output.index_copy_(-1, token_indices, columns)
+        output.index_copy_(-1, token_indices, columns)
+        return output  # the very tensor marked dirty: dynamo traces only that form
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         (grad,) = grads
-        hidden, rows, previous, token_indices = ctx.saved_tensors  # type: ignore[attr-defined]
+        hidden, rows, previous, token_indices, keep = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         grad_hidden = grad_rows = None
         if needs[1] or needs[2] or needs[4]:
             grad_columns = grad.index_select(-1, token_indices).to(hidden.dtype)
+            if keep is not None:  # a repeated id's column counts once: its other copies get no gradient
+                grad_columns = grad_columns * keep.to(grad_columns.dtype)
             if needs[1]:
                 grad_hidden = grad_columns @ (rows - previous.to(rows.dtype)).to(hidden.dtype)
             if needs[2] or needs[4]:
@@ -110,6 +114,7 @@ class _ReplaceColumns(torch.autograd.Function):
             None,
             -grad_rows.to(previous.dtype) if grad_rows is not None and needs[4] else None,
             None,
+            None,
         )
 
 
@@ -121,13 +126,17 @@ def replace_columns(
     previous: torch.Tensor | None,
     token_indices: torch.Tensor,
     writable: bool,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``output`` with columns ``token_indices`` set to ``hidden @ rows.T + bias_columns``, differentiable.
 
     ``previous``: the rows ``output``'s columns were computed with (only read
     when a gradient is needed). In place when ``writable`` (see
     :class:`AppliedAdapters`), else into a copy; the backward allocates
-    nothing tokens x vocabulary sized.
+    nothing tokens x vocabulary sized. ``token_indices`` may repeat an id when
+    its repeats carry equal rows (every copy writes the same column); then
+    ``keep`` (:func:`first_occurrences`) marks the one copy the gradient goes
+    through, so that the column is not counted twice.
     """
     needs_grad = torch.is_grad_enabled() and (
         output.requires_grad
@@ -144,7 +153,20 @@ def replace_columns(
         raise AdapterStateError("replace_columns needs the previous rows when a gradient is needed")
     if not writable:
         output = output.clone()  # an earlier node may have saved it for its backward
-    return _ReplaceColumns.apply(output, hidden, rows, bias_columns, previous, token_indices)
+    return _ReplaceColumns.apply(output, hidden, rows, bias_columns, previous, token_indices, keep)
+
+
+def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """A bool mask over the 1-d ``ids``: True at the first occurrence of each id.
+
+    The shape is ``ids``'s, whatever the values, and nothing is read back to the
+    host (``unique`` would be both: its size depends on the values), so it
+    compiles into a static graph.
+    """
+    sorted_ids, order = torch.sort(ids, stable=True)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    return torch.empty_like(first).scatter_(0, order, first)
 
 
 def add_low_rank(

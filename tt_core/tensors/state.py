@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tt_core.api.errors import ConfigError
+
 
 class AppliedAdapters(list):
     """The ``earlier`` argument of :meth:`AdapterState.project`: the adapters applied so far, in order.
@@ -99,9 +101,24 @@ class AdapterState(nn.Module):
     #: False (the default): the core refuses to put the state on a ``Conv1D``.
     adapts_conv1d: ClassVar[bool] = False
 
+    #: Buffers holding numbers the outputs scale by (LoRA's ``scaling``), kept in a tensor so that a
+    #: compiled graph reads them as inputs: they stay float32 when the model is cast to another
+    #: dtype (``.to(torch.bfloat16)``), as a Python float would, and only follow it to a device.
+    #: Multiply with :func:`scaled`.
+    float32_buffers: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self) -> None:
         super().__init__()
         self.merged = False
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterState:
+        kept = {name: self._buffers.get(name) for name in self.float32_buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers.get(name)
+            if before is not None and after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)  # the number as it was, where it went
+        return self
 
     def touched_rows(self) -> torch.Tensor | None:
         """The weight rows this adapter changes, or ``None`` for all of them."""
@@ -181,6 +198,44 @@ class AdapterState(nn.Module):
         """Undo :meth:`merge_into` on ``weight``."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged: implement unmerge_from")
 
+    def copy_tensors_from(self, source: AdapterState, names: list[str] | None = None) -> None:
+        """Copy every parameter and buffer of ``source`` (or those ``names``) into this state's own, in place.
+
+        The core's default ``hotswap`` hook. The two must hold the same names
+        with the same shapes; anything else is a :class:`ConfigError` naming
+        the difference, raised before any tensor changes. The tensors keep
+        their identity, dtype, device and ``requires_grad``.
+        """
+        mine = self._all_tensors(names)
+        theirs = source._all_tensors(names)
+        missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+        different = [
+            f"{name} {tuple(theirs[name].shape)} (this adapter's: {tuple(tensor.shape)})"
+            for name, tensor in mine.items()
+            if name in theirs and tensor.shape != theirs[name].shape
+        ]
+        if missing or extra or different:
+            parts = [
+                f"tensors {missing} missing" if missing else "",
+                f"tensors {extra} it does not have" if extra else "",
+                f"tensors of other shapes: {', '.join(different)}" if different else "",
+            ]
+            raise ConfigError(
+                f"a {type(source).__name__} cannot be hot-swapped into this {type(self).__name__}: "
+                f"the source has {'; '.join(part for part in parts if part)}. Hot-swapping replaces tensors "
+                "in place, so the shapes must match; load the source as a new adapter (load_adapter) instead"
+            )
+        with torch.no_grad():
+            for name, tensor in mine.items():
+                tensor.copy_(theirs[name])
+
+    def _all_tensors(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = dict(self.named_parameters())
+        tensors.update(self.named_buffers())
+        if names is None:
+            return tensors
+        return {name: tensors[name] for name in names if name in tensors}
+
     def commutes_with(self, other: AdapterState) -> bool:
         """Whether applying the two adapters in either order gives the same weight."""
         if self.additive and other.additive:
@@ -189,6 +244,18 @@ class AdapterState(nn.Module):
         if mine is None or theirs is None:
             return False
         return not bool(torch.isin(mine, theirs.to(mine.device)).any())
+
+
+def scaled(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``tensor * factor`` (a 0-d float32 tensor) in ``tensor``'s dtype, as a Python float would multiply.
+
+    A half-precision tensor is multiplied in float32 and rounded once (on a GPU,
+    a 0-d device tensor would otherwise be rounded to half precision first);
+    any other is multiplied as it is.
+    """
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return (tensor.float() * factor).to(tensor.dtype)
+    return tensor * factor
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from tt_core.api.errors import ConfigError
 from tt_core.tensors.folded import FoldedStack, stamp
-from tt_core.tensors.kernels import add_low_rank, replace_columns
+from tt_core.tensors.kernels import add_low_rank, first_occurrences, replace_columns
 from tt_core.tensors.per_sample import apply_plan
 from tt_core.tensors.state import AdapterState, AppliedAdapters, is_conv1d
 
@@ -127,7 +127,8 @@ class AdapterLayer(nn.Module):
         (:func:`tt_core.tensors.folded.stamp`). Built in the dtype the output will
         have (under autocast, a head's autocast dtype).
         """
-        if not all(state.can_fold() for state in states):
+        if torch.compiler.is_compiling() or not all(state.can_fold() for state in states):
+            # A compiled graph cannot read version counters or storages (stamp): it runs the stack.
             return None
         base = self.base_layer
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
@@ -273,20 +274,24 @@ class AdapterLayer(nn.Module):
             rows_of_state = state.touched_rows() if pair is None else None
             if rows_of_state is not None:
                 touched.append(rows_of_state)
-        ids = torch.cat(touched).unique() if len(touched) > 1 else touched[0]
+        # Repeated ids (two adapters replacing one row) stay: each copy is that row folded through the
+        # same stack, so every copy writes the same column. ``unique`` would size the graph by the values.
+        ids = torch.cat(touched) if len(touched) > 1 else touched[0]
         base: nn.Linear = self.base_layer  # type: ignore[assignment]
         base_rows = base.weight[ids]
         rows = base_rows
         for state in states:
             rows = state.adapt_rows(ids, rows)
-        previous = None
+        previous = keep = None
         if torch.is_grad_enabled():
             previous = base_rows
             for state, pair in zip(states, factors, strict=True):
                 if pair is not None:
                     previous = state.adapt_rows(ids, previous)
+            if len(touched) > 1:
+                keep = first_occurrences(ids)
         bias_columns = None if base.bias is None else base.bias[ids]
-        return replace_columns(output, hidden, rows, bias_columns, previous, ids, writable)
+        return replace_columns(output, hidden, rows, bias_columns, previous, ids, writable, keep)
 
     def _writable_base_output(self, output: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The base output, and whether adapters may write it in place.
@@ -301,6 +306,10 @@ class AdapterLayer(nn.Module):
         """
         if not self._plain_forward() or type(output) is not torch.Tensor:
             # Hooks or a subclass's forward could do anything; a tensor subclass (DTensor...) may alias.
+            return output, False
+        if torch.compiler.is_compiling():
+            # A compiled graph has no storages to compare, and functionalises every in-place write
+            # anyway: the adapters write out of place, which the compiler fuses.
             return output, False
         root = output._base
         if root is None:

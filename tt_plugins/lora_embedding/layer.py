@@ -10,7 +10,7 @@ from torch import nn
 
 from tt_core import AdapterState
 from tt_core.tensors.kernels import add_low_rank
-from tt_core.tensors.state import embedding_scale, output_writable
+from tt_core.tensors.state import embedding_scale, output_writable, scaled
 
 _STD_SAMPLE_ROWS = 4096
 
@@ -27,13 +27,19 @@ class LoraEmbeddingLayer(AdapterState):
     additive = True
     # The head update is added in place into a writable output, else into a copy; nothing is saved.
     keeps_output_writable = True
+    scaling: torch.Tensor
+    float32_buffers = ("scaling",)
 
     def __init__(self, weight: torch.Tensor, r: int, scaling: float, init_weights: bool = True) -> None:
         super().__init__()
         vocab, width = weight.shape
         device = weight.device
         self.r = r
-        self.scaling = scaling
+        # A tensor, not a Python float: a compiled graph reads it as an input, so a hot-swap to another
+        # lora_alpha (AdapterModel.hotswap_adapter) changes it in place without a recompile.
+        self.register_buffer(
+            "scaling", torch.tensor(float(scaling), dtype=torch.float32, device=device), persistent=False
+        )
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, vocab, device=device))
         self.lora_embedding_B = nn.Parameter(torch.randn(width, r, device=device))
         if not init_weights:
@@ -50,11 +56,11 @@ class LoraEmbeddingLayer(AdapterState):
 
         Builds a vocabulary-sized tensor: for merging and checks, never for the forward.
         """
-        return (self.lora_embedding_A.T @ self.lora_embedding_B.T) * self.scaling
+        return scaled(self.lora_embedding_A.T @ self.lora_embedding_B.T, self.scaling)
 
     def embed(self, input_ids: torch.Tensor, output: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         low_rank = F.embedding(input_ids, self.lora_embedding_A.T)
-        delta = (low_rank @ self.lora_embedding_B.T) * self.scaling
+        delta = scaled(low_rank @ self.lora_embedding_B.T, self.scaling)
         padding_idx = getattr(base_layer, "padding_idx", None)
         if padding_idx is not None and torch.is_grad_enabled() and delta.requires_grad:
             # The base embedding gives its padding row no gradient; neither factor may learn from it.
@@ -66,7 +72,7 @@ class LoraEmbeddingLayer(AdapterState):
 
     def adapt_rows(self, token_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         columns = self.lora_embedding_A.index_select(1, token_ids)
-        return rows + ((columns.T @ self.lora_embedding_B.T) * self.scaling).to(rows.dtype)
+        return rows + scaled(columns.T @ self.lora_embedding_B.T, self.scaling).to(rows.dtype)
 
     def low_rank_factors(
         self, hidden: torch.Tensor, output_dtype: torch.dtype
@@ -76,13 +82,12 @@ class LoraEmbeddingLayer(AdapterState):
         ``left`` comes flat, (tokens, r): one matrix product fewer per call.
         """
         left = hidden.reshape(-1, hidden.shape[-1]).to(output_dtype) @ self.lora_embedding_B.to(output_dtype)
-        if self.scaling != 1:
-            left = left * self.scaling
+        left = scaled(left, self.scaling)  # x 1.0 is exact; no branch on a tensor's value
         return left, self.lora_embedding_A.to(output_dtype)
 
     def low_rank_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A.T, scaling * B.T)``: the update of the weight is their product, vocabulary x width."""
-        return self.lora_embedding_A.T, self.lora_embedding_B.T * self.scaling
+        return self.lora_embedding_A.T, scaled(self.lora_embedding_B.T, self.scaling)
 
     def project(
         self, hidden: torch.Tensor, output: torch.Tensor, base_layer: nn.Module, earlier: list[AdapterState]
@@ -104,4 +109,4 @@ class LoraEmbeddingLayer(AdapterState):
         weight.sub_(self.delta_weight().to(weight.dtype))
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, vocab={self.lora_embedding_A.shape[1]}"
+        return f"r={self.r}, scaling={float(self.scaling):g}, vocab={self.lora_embedding_A.shape[1]}"

@@ -41,6 +41,19 @@ def create_layer(
 
 
 @hookimpl
+def hotswap(state: LoraEmbeddingLayer, source: LoraEmbeddingLayer) -> bool:
+    """The source's factors and scaling copied into this state's tensors; the ranks must match."""
+    if source.r != state.r:
+        raise ConfigError(
+            f"the source has rank {source.r} and this adapter rank {state.r}: a hot-swap writes the factors "
+            "into this adapter's in place, so the ranks must match. Load the source as a new adapter "
+            "(load_adapter) instead"
+        )
+    state.copy_tensors_from(source)  # lora_embedding_A, lora_embedding_B and the scaling buffer
+    return True
+
+
+@hookimpl
 def tie_handler(
     model: nn.Module, config: LoraEmbeddingConfig, target_name: str, base_layer: nn.Module
 ) -> list[str] | None:
@@ -57,7 +70,7 @@ def combine(
     states = []
     for site in sites:
         layers = cast(list[LoraEmbeddingLayer], site.states)
-        sources = [(state.lora_embedding_A, state.lora_embedding_B, state.scaling) for state in layers]
+        sources = [(state.lora_embedding_A, state.lora_embedding_B, float(state.scaling)) for state in layers]
         a, b = lora_combining.combine_factors(sources, combination, rank, site.modules[0])
         state = LoraEmbeddingLayer(site.base_layer.weight, a.shape[0], 1.0)  # type: ignore[arg-type]
         with torch.no_grad():

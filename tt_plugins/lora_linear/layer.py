@@ -10,7 +10,7 @@ from torch import nn
 
 from tt_core import AdapterState
 from tt_core.tensors.kernels import add_low_rank
-from tt_core.tensors.state import output_writable
+from tt_core.tensors.state import output_writable, scaled
 
 
 class LoraLinearLayer(AdapterState):
@@ -27,6 +27,8 @@ class LoraLinearLayer(AdapterState):
     # The update is added in place into a writable output, else into a copy; nothing is saved.
     keeps_output_writable = True
     adapts_conv1d = True
+    scaling: torch.Tensor
+    float32_buffers = ("scaling",)
 
     def __init__(
         self,
@@ -42,7 +44,11 @@ class LoraLinearLayer(AdapterState):
     ) -> None:
         super().__init__()
         self.r = r
-        self.scaling = scaling
+        # A tensor, not a Python float: a compiled graph reads it as an input, so a hot-swap to another
+        # lora_alpha (AdapterModel.hotswap_adapter) changes it in place without a recompile.
+        self.register_buffer(
+            "scaling", torch.tensor(float(scaling), dtype=torch.float32, device=device), persistent=False
+        )
         self.dropout = dropout
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
@@ -62,11 +68,12 @@ class LoraLinearLayer(AdapterState):
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``scaling * B @ A``, (out, in), float32: for merging and checks, never the forward."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+        return scaled(self.lora_B @ self.lora_A, self.scaling)
 
     def adapt_rows(self, token_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # Rows of the weight in (out, in) layout: output features token_ids (a head's tokens).
-        return rows + ((self.lora_B.index_select(0, token_ids) @ self.lora_A) * self.scaling).to(rows.dtype)
+        delta = scaled(self.lora_B.index_select(0, token_ids) @ self.lora_A, self.scaling)
+        return rows + delta.to(rows.dtype)
 
     def low_rank_factors(
         self, hidden: torch.Tensor, output_dtype: torch.dtype
@@ -76,13 +83,12 @@ class LoraLinearLayer(AdapterState):
         if self.dropout and self.training:
             flat = F.dropout(flat, self.dropout, training=True)
         left = flat @ self.lora_A.T.to(output_dtype)
-        if self.scaling != 1:
-            left = left * self.scaling
+        left = scaled(left, self.scaling)  # x 1.0 is exact; no branch on a tensor's value
         return left, self.lora_B.T.to(output_dtype)
 
     def low_rank_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scaling * B, A)``: the update of the (out, in) weight is their product."""
-        return self.lora_B * self.scaling, self.lora_A
+        return scaled(self.lora_B, self.scaling), self.lora_A
 
     def project(
         self, hidden: torch.Tensor, output: torch.Tensor, base_layer: nn.Module, earlier: list[AdapterState]
@@ -109,6 +115,6 @@ class LoraLinearLayer(AdapterState):
     def extra_repr(self) -> str:
         out_features, in_features = self.lora_B.shape[0], self.lora_A.shape[1]
         return (
-            f"in={in_features}, out={out_features}, r={self.r}, scaling={self.scaling:g}, "
+            f"in={in_features}, out={out_features}, r={self.r}, scaling={float(self.scaling):g}, "
             f"dropout={self.dropout:g}, fan_in_fan_out={self.fan_in_fan_out}"
         )

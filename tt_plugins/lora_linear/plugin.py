@@ -186,7 +186,7 @@ def combine(
     states = []
     for site in sites:
         layers = cast(list[LoraLinearLayer], site.states)
-        sources = [(state.lora_A, state.lora_B, state.scaling) for state in layers]
+        sources = [(state.lora_A, state.lora_B, float(state.scaling)) for state in layers]
         a, b = lora_combining.combine_factors(sources, combination, rank, site.modules[0])
         first = layers[0]
         state = LoraLinearLayer(
@@ -206,6 +206,22 @@ def combine(
         configs[0], r=rank, lora_alpha=rank, use_rslora=False, init_lora_weights=True
     )
     return config, states
+
+
+@hookimpl
+def hotswap(state: Any, source: Any) -> bool:
+    """The source's factors, scaling and dropout (or, on the embedding, its token rows) into this state."""
+    if isinstance(state, TrainableTokensLayer):  # trainable_token_indices
+        return tokens_plugin.hotswap(state=state, source=source)
+    if source.r != state.r:
+        raise ConfigError(
+            f"the source has rank {source.r} and this adapter rank {state.r}: a hot-swap writes the factors "
+            "into this adapter's in place, so the ranks must match. Load the source as a new adapter "
+            "(load_adapter) instead"
+        )
+    state.copy_tensors_from(source)  # lora_A, lora_B and the scaling buffer
+    state.dropout = source.dropout
+    return True
 
 
 # ------------------------------------------------------------------ PEFT's LORA

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,8 @@ class TrainableTokensLayer(AdapterState):
     # and nothing saves them; the head rule is "replace the touched columns", so the core may fold it.
     keeps_output_writable = True
     head_replaces_rows = True
+    #: The buffers the ids make (the ids, sorted, and the row of each), as a hot-swap copies them.
+    ID_BUFFERS: ClassVar[tuple[str, ...]] = ("token_indices", "sorted_token_indices", "sorted_row_of_token")
     token_indices: torch.Tensor
     sorted_token_indices: torch.Tensor
     sorted_row_of_token: torch.Tensor
