@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from tt_core.api.errors import AdapterStateError, ArgumentTypeError, ConfigError
-from tt_core.tensors.per_sample import SamplePlan
+from tt_core.tensors.per_sample import SampleEntries, SamplePlan
 from tt_core.tensors.wrapper import wrappers_in
 
 #: The entry of ``adapter_names`` that runs a sample on the base model.
@@ -59,10 +59,23 @@ class Adapters:
     names: list[str]  # every adapter on the model
     merged: list[str]  # those merged into the base weights
     disabled: bool  # inside ``disable_adapter()``
+    depth: int | None = None  # the stack capacity prepare_for_compile() fixed, if any
 
 
-def make_plan(adapters: Adapters, adapter_names: object, batch_size: int | None) -> SamplePlan:
-    """Check ``adapter_names`` against the adapters and the batch; nothing is changed here."""
+def make_plan(
+    adapters: Adapters, adapter_names: object, batch_size: int | None
+) -> SamplePlan | SampleEntries:
+    """Check ``adapter_names`` against the adapters and the batch; nothing is changed here.
+
+    A tensor is taken as entries (:func:`entries_of`), checked without reading its values.
+    """
+    _check_serving(adapters)
+    if isinstance(adapter_names, torch.Tensor):
+        return _entries_plan(adapters, adapter_names, batch_size)
+    return _names_plan(adapters, adapter_names, batch_size)
+
+
+def _check_serving(adapters: Adapters) -> None:
     if adapters.model.training:
         raise AdapterStateError(
             "adapter_names= (an adapter stack per sample) is for inference; the model is training. "
@@ -75,6 +88,34 @@ def make_plan(adapters: Adapters, adapter_names: object, batch_size: int | None)
         )
     if adapters.disabled:
         raise AdapterStateError("adapter_names= cannot run inside `with disable_adapter():`")
+
+
+def _entries_plan(adapters: Adapters, entries: torch.Tensor, batch_size: int | None) -> SampleEntries:
+    if entries.dim() != 2 or entries.dtype != torch.long:
+        raise ArgumentTypeError(
+            "adapter_names given as a tensor must be the (batch, depth) long tensor "
+            f"adapter_model.adapter_entries(names) returns, got {entries.dtype} of shape "
+            f"{tuple(entries.shape)}"
+        )
+    if batch_size is not None and entries.shape[0] != batch_size:
+        raise ConfigError(
+            f"adapter_names has {entries.shape[0]} rows for a batch of {batch_size} samples; "
+            "give one row per sample"
+        )
+    return SampleEntries(entries, adapters.names)
+
+
+def entries_of(adapters: Adapters, adapter_names: object) -> torch.Tensor:
+    """``adapter_names`` (names, stacks, :data:`BASE`) as the ``(batch, depth)`` tensor of entries.
+
+    Entry ``i + 1`` is the model's ``i``-th adapter, 0 none; stacks are padded
+    with 0 to ``adapters.depth`` (or the longest stack). On the host.
+    """
+    plan = _names_plan(adapters, adapter_names, None)
+    return plan.entries(plan.batch_size, torch.device("cpu"))
+
+
+def _names_plan(adapters: Adapters, adapter_names: object, batch_size: int | None) -> SamplePlan:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise ArgumentTypeError(
             f"adapter_names must be a list with one entry per sample (a name, a list of names, or "
@@ -97,7 +138,7 @@ def make_plan(adapters: Adapters, adapter_names: object, batch_size: int | None)
             position_of[stack] = len(stacks)
             stacks.append(stack)
         sample_stack.append(position_of[stack])
-    return SamplePlan(stacks, sample_stack)
+    return SamplePlan(stacks, sample_stack, adapters.names, adapters.depth)
 
 
 def _stack(entry: object, sample: int, known: set[str]) -> tuple[str, ...]:
