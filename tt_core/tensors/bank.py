@@ -130,6 +130,8 @@ class AdapterBank:
         self.key: object = None
         #: Whether every state of the layer is in the bank (else a stack may name one that is not).
         self.complete = True
+        #: Bankable states whose new rows turned out to depend on the rows before them (not held).
+        self.excluded: frozenset[str] = frozenset()
         self.sentinel = self.out
         cap = capacity
         self.row_slot_of = torch.zeros(cap.adapters + 1, dtype=torch.long, device=self.device)
@@ -182,6 +184,7 @@ class AdapterBank:
         self.down.zero_()
         row_slot = rank_slot = 0
         touched_all = []
+        excluded: list[str] = []
         for entry, name in enumerate(names, start=1):
             state = states.get(name)
             if state is None:
@@ -200,13 +203,20 @@ class AdapterBank:
                 else:
                     self.up[rank_slot, :rank].copy_(up.T)
             else:
-                row_slot += 1
-                row_slot_of[entry] = row_slot
                 touched: torch.Tensor = state.touched_rows()  # type: ignore[assignment]
                 ids = torch.sort(touched.to(self.device, torch.long)).values
-                rows = state.adapt_rows(ids, weight[ids]).to(self.dtype)
+                base_rows = weight[ids]
+                rows = state.adapt_rows(ids, base_rows)
+                if not torch.equal(rows, state.adapt_rows(ids, torch.zeros_like(base_rows))):
+                    # Its new rows depend on the rows before it (a scale, an addition): no snapshot
+                    # can hold them, so stacks with it take the per-stack path.
+                    excluded.append(name)
+                    continue
+                rows = rows.to(self.dtype)
                 if scale is not None:
                     rows = rows * (scale.to(self.dtype) if isinstance(scale, torch.Tensor) else scale)
+                row_slot += 1
+                row_slot_of[entry] = row_slot
                 self.ids[row_slot, : ids.numel()].copy_(ids)
                 self.rows[row_slot, : ids.numel()].copy_(rows)
                 touched_all.append(ids)
@@ -217,7 +227,8 @@ class AdapterBank:
         self.row_slot_of.copy_(torch.tensor(row_slot_of))
         self.rank_slot_of.copy_(torch.tensor(rank_slot_of))
         self.names = tuple(names)
-        self.complete = complete
+        self.excluded = frozenset(excluded)
+        self.complete = complete and not excluded
         self.key = key
 
     def set_active(self, entries: Sequence[int]) -> None:

@@ -350,7 +350,11 @@ class AdapterLayer(nn.Module):
             self.bank_holds_active = False
             return
         entry_of = {name: entry for entry, name in enumerate(names, start=1)}
-        in_bank = [name for name in stack if bankable(self.adapters[name], self.base_layer)]
+        in_bank = [
+            name
+            for name in stack
+            if bankable(self.adapters[name], self.base_layer) and name not in bank.excluded
+        ]
         self.bank_holds_active = len(in_bank) == len(stack)
         bank.set_active([entry_of[name] for name in in_bank])
 
@@ -395,7 +399,7 @@ class AdapterLayer(nn.Module):
                         f"the adapters on this layer exceed the compiled capacity {', '.join(exceeded)}; "
                         "the adapter tables are rebuilt, so a compiled model recompiles. Call "
                         "prepare_for_compile() with larger capacities to avoid it",
-                        stacklevel=3,
+                        stacklevel=5,
                     )
                 self.bank_capacity = capacity
             bank = AdapterBank(self.base_layer, capacity)
@@ -440,6 +444,8 @@ class AdapterLayer(nn.Module):
             bankable(self.adapters[name], self.base_layer) for name in used if name in self.adapters
         ):
             bank = self._ensure_bank(plan.names, 1)
+            if bank is not None and used is not None and used & bank.excluded:
+                bank = None
         if used is None and (bank is None or not bank.complete):
             raise AdapterStateError(
                 "adapter_names= given as a tensor of entries needs every adapter on each layer to fold "
