@@ -63,8 +63,8 @@ def _served(adapters: int, kind: str) -> tuple[AdapterModel, list]:
 def _input_ids(samples: int = SAMPLES, length: int = 6) -> torch.Tensor:
     generator = torch.Generator().manual_seed(2)
     input_ids = torch.randint(0, VOCAB, (samples, length), generator=generator)
-    input_ids[:, 1] = 7  # touched by every trainable-tokens adapter
-    input_ids[:, 2] = torch.arange(samples) + 3
+    input_ids[:, 0] = torch.arange(samples) + 3  # touched by one trainable-tokens adapter each
+    input_ids[:, -1] = 7  # touched by every trainable-tokens adapter
     return input_ids
 
 
@@ -76,12 +76,20 @@ def _recorded(adapter_model: AdapterModel, entries: list, input_ids: torch.Tenso
     return recorder.ops
 
 
+# A head adds the low-rank updates either with each sample's factors gathered (many tokens per
+# sample) or with one product over every adapter's factors (a decode step over few adapters);
+# which one depends on the shapes and on how many adapters the tables hold, so each regime is
+# counted: tables sized as needed with one token per sample (the product over all factors for
+# 2, 8 and 32 adapters alike), and tables of fixed capacities with six (the gathered factors).
 @pytest.mark.parametrize("kind", ["embedding", "linear"])
-def test_a_per_sample_forward_runs_the_same_ops_for_2_8_and_32_distinct_adapters(kind):
-    input_ids = _input_ids()
+@pytest.mark.parametrize(("length", "capacity"), [(1, None), (6, 64)])
+def test_a_per_sample_forward_runs_the_same_ops_for_2_8_and_32_distinct_adapters(kind, length, capacity):
+    input_ids = _input_ids(length=length)
     counts = {}
     for adapters in (2, 8, 32):
         adapter_model, entries = _served(adapters, kind)
+        if capacity:
+            adapter_model.prepare_for_compile(max_adapters=capacity, max_rows=8, max_rank=8, max_stack=2)
         counts[adapters] = Counter(_recorded(adapter_model, entries, input_ids))
     assert counts[2] == counts[8] == counts[32]
 
@@ -108,11 +116,17 @@ def test_the_recorder_sees_a_host_read():
     assert host_reads(recorder.ops) == ["aten.nonzero.default", "aten._local_scalar_dense.default"]
 
 
-def test_the_tables_follow_weight_changes_and_equal_each_sample_alone():
+@pytest.mark.parametrize(("capacity", "every_factor"), [(None, True), (64, False)])
+def test_the_tables_follow_weight_changes_and_equal_each_sample_alone(capacity, every_factor):
+    # Both ways of adding the head's low-rank updates (see above): one product with every
+    # adapter's factors (tables as needed), each sample's factors gathered (64 adapters' room).
     adapter_model, entries = _served(8, "linear")
+    if capacity:
+        adapter_model.prepare_for_compile(max_adapters=capacity, max_stack=2)
     input_ids = _input_ids()
+    ops = _recorded(adapter_model, entries, input_ids)
+    assert ("aten.scatter_add_.default" in ops) == every_factor
     with torch.no_grad():
-        adapter_model(input_ids=input_ids, adapter_names=entries)
         for name, parameter in adapter_model.named_parameters():  # an optimizer step, in place
             if ".adapters." in name:
                 parameter.add_(torch.randn_like(parameter) * 0.3)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +288,44 @@ class AdapterBank:
                 rows = self._lookup_rows(row_slot[:, depth], ids, rows)
         return rows.view(output.shape)
 
+    #: What one multiply-add costs next to moving one element, roughly, for :meth:`_add_low_rank`.
+    PRODUCT_PER_ELEMENT: ClassVar[float] = 1 / 16
+
+    def _add_low_rank(
+        self, hidden: torch.Tensor, logits: torch.Tensor, rank_slot: torch.Tensor, writable: bool
+    ) -> torch.Tensor:
+        """``logits`` ``(batch, tokens, out)`` plus every sample's low-rank updates, in one product.
+
+        Each sample's ``hidden @ down.T`` for every depth, side by side, then
+        either the ``up`` factors gathered per sample (``batch x depth x rank x
+        out`` elements moved, cheap products: many tokens per sample) or, when
+        moving those would cost more, that left factor spread over every slot
+        and one product with all the ``up`` tables (read once: a decode step of
+        a batch over few adapters). Both take the same ops whatever the entries.
+        """
+        batch, depth = rank_slot.shape
+        tokens = logits.shape[1]
+        rank = self.capacity.rank
+        slots = self.capacity.rank_slots + 1
+        dtype = logits.dtype
+        downs = self.down[rank_slot].view(batch, depth * rank, self.width).to(dtype)
+        left = torch.bmm(hidden.to(dtype), downs.transpose(1, 2))  # (batch, tokens, depth * rank)
+        in_place = writable and logits.is_contiguous()
+        gathered = batch * depth * (2 + tokens * self.PRODUCT_PER_ELEMENT)
+        every_slot = slots * (1 + batch * tokens * self.PRODUCT_PER_ELEMENT)
+        if gathered <= every_slot:
+            ups = self.up[rank_slot].view(batch, depth * rank, self.out).to(dtype)
+            return logits.baddbmm_(left, ups) if in_place else torch.baddbmm(logits, left, ups)
+        spread = left.new_zeros(batch, tokens, slots, rank)
+        index = rank_slot.view(batch, 1, depth, 1).expand(batch, tokens, depth, rank)
+        spread.scatter_add_(2, index, left.view(batch, tokens, depth, rank))
+        flat = logits.view(batch * tokens, self.out) if in_place else logits.reshape(batch * tokens, self.out)
+        ups = self.up.view(slots * rank, self.out).to(dtype)
+        spread_flat = spread.view(batch * tokens, slots * rank)
+        if in_place:
+            return flat.addmm_(spread_flat, ups).view(logits.shape)
+        return torch.addmm(flat, spread_flat, ups).view(logits.shape)
+
     def _project(
         self,
         base_layer: nn.Module,
@@ -301,23 +340,17 @@ class AdapterBank:
         logits = output.reshape(batch, -1, output.shape[-1])
         dtype = logits.dtype
         if self.has_rank:
-            # Every depth's factors side by side: one product for all low-rank updates of a sample.
-            rank = self.capacity.rank
-            downs = self.down[rank_slot].view(batch, depth * rank, self.width).to(dtype)
-            ups = self.up[rank_slot].view(batch, depth * rank, self.out).to(dtype)
-            left = torch.bmm(flat_hidden.to(dtype), downs.transpose(1, 2))
-            if writable and logits.is_contiguous():
-                logits = logits.baddbmm_(left, ups)
-            else:
-                logits = torch.baddbmm(logits, left, ups)
+            logits = self._add_low_rank(flat_hidden, logits, rank_slot, writable)
             writable = True
         if not self.has_rows:
             return logits.view(output.shape)
         # Each sample's touched ids, once each: later copies of an id become the sentinel.
         capacity = self.capacity.rows
-        ids = torch.sort(self.ids[row_slot].view(batch, depth * capacity), dim=1).values
-        repeated = ids[:, 1:] == ids[:, :-1]
-        ids = torch.cat([ids[:, :1], ids[:, 1:].masked_fill(repeated, self.sentinel)], dim=1)
+        ids = self.ids[row_slot].view(batch, depth * capacity)
+        if depth > 1:  # one slot's ids are distinct already
+            ids = torch.sort(ids, dim=1).values
+            repeated = ids[:, 1:] == ids[:, :-1]
+            ids = torch.cat([ids[:, :1], ids[:, 1:].masked_fill(repeated, self.sentinel)], dim=1)
         real = ids != self.sentinel
         ids = torch.where(real, ids, self.safe_id)
         # Those rows of W_eff = a_n(... a_1(W)): each depth in stack order.
