@@ -809,6 +809,12 @@ class AdapterModel(nn.Module):
         stacks = [layer.bank_capacity.stack for _, layer in self._named_wrappers() if layer.bank_capacity]
         return max(stacks, default=None)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterModel:
+        # .to(), .cuda(), .half()...: the adapter tables follow the weights to their device and dtype.
+        super()._apply(fn, recurse)
+        self._sync_adapter_tables()
+        return self
+
     def _named_wrappers(self) -> list[tuple[str, AdapterLayer]]:
         return [
             (name, module) for name, module in self.model.named_modules() if isinstance(module, AdapterLayer)
