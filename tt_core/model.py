@@ -679,6 +679,7 @@ class AdapterModel(nn.Module):
             )
         ours = {key: value for key, value in state_dict.items() if key in expected}
         super().load_state_dict(ours, strict=False, assign=assign)
+        self._sync_adapter_tables()
         return _IncompatibleKeys(missing, unexpected)
 
     def get_extra_state(self) -> torch.Tensor:
@@ -771,7 +772,8 @@ class AdapterModel(nn.Module):
         """Recompute every layer's adapter tables from the adapters' current weights.
 
         The verbs (``set_adapter``, ``add_adapter``, ``load_adapter``,
-        ``delete_adapter``, merges, ``train()``/``eval()``) do it themselves;
+        ``delete_adapter``, merges, ``train()``/``eval()``, ``load_state_dict``)
+        do it themselves;
         call it after changing adapter weights by hand while serving a compiled
         model (a compiled graph cannot check them). In place within the capacities
         of :meth:`prepare_for_compile`: no recompilation.

@@ -353,7 +353,9 @@ class AdapterLayer(nn.Module):
         in_bank = [
             name
             for name in stack
-            if bankable(self.adapters[name], self.base_layer) and name not in bank.excluded
+            if name in entry_of
+            and bankable(self.adapters[name], self.base_layer)
+            and name not in bank.excluded
         ]
         self.bank_holds_active = len(in_bank) == len(stack)
         bank.set_active([entry_of[name] for name in in_bank])
