@@ -5,24 +5,25 @@ adapter_names=[...])`` take one entry per sample: an adapter name, a list of
 names (a stack, applied in order) or :data:`BASE` for the base model. For the
 length of the call a :class:`SamplePlan` is set on every
 :class:`~tt_core.tensors.wrapper.AdapterLayer` (:func:`serving`); the layer then computes
-the base output once for the whole batch and applies each *distinct* stack to
-its own samples (:func:`apply_plan`): a loop over stacks, never over samples
-or tokens.
+the base output once for the whole batch and applies every sample's stack:
 
-How a stack is applied to its samples:
-
-* on a linear head, when every adapter of the stack gives
-  :meth:`~tt_core.tensors.state.AdapterState.low_rank_factors` or declares
-  :attr:`~tt_core.tensors.state.AdapterState.head_replaces_rows` (trainable tokens,
-  LoRA and their stacks): sparsely, in place: the low-rank updates of those
-  samples are added with one ``index_add_``, and the touched columns of those
-  samples only are written with the rows folded through the stack
-  (:meth:`~tt_core.tensors.state.AdapterState.adapt_rows`);
+* from its adapter bank (:mod:`tt_core.tensors.bank`), when every adapter the
+  call names on that layer folds (trainable tokens, LoRA, and any method giving
+  :meth:`~tt_core.tensors.state.AdapterState.low_rank_weight` or declaring
+  :attr:`~tt_core.tensors.state.AdapterState.head_replaces_rows`): the plan's
+  ``(batch, depth)`` tensor of entries picks each sample's adapters, and a
+  fixed number of batched ops applies them, however many distinct stacks the
+  batch holds;
 * otherwise (the default, which any method from an outside plugin gets without
-  writing anything new): the rows of the stack's samples are taken out of the
-  input and the base output, the stack's usual ``embed``/``project`` rules run
-  on them as if those samples were the whole batch, and the result is written
-  back (``index_copy_``). This costs one copy of those samples' output.
+  writing anything new), stack by stack (:func:`apply_plan`): the rows of the
+  stack's samples are taken out of the input and the base output, the stack's
+  usual ``embed``/``project`` rules run on them as if those samples were the
+  whole batch, and the result is written back (``index_copy_``).
+
+``adapter_names`` may also be the tensor :func:`entries_of` returns
+(``AdapterModel.adapter_entries``): checked without reading its values, so a
+compiled model takes a new assignment without recompiling; every adapter on
+each layer must then fold.
 
 Per-sample calls are for inference: they are refused while the model trains,
 while adapters are merged, inside ``disable_adapter()``, and for unknown names
