@@ -90,6 +90,10 @@ def test_switching_stacks_and_loading_an_adapter_within_capacity_do_not_recompil
     assert_same_math(_compiled(compiled, input_ids), _eager(adapter_model, input_ids))
     with adapter_model.disable_adapter():
         assert_same_math(_compiled(compiled, input_ids), _eager(adapter_model, input_ids))
+    adapter_model.merge_adapter(["t1"])  # a prefix of ["t1", "l2"]: in the weight, out of the tables
+    assert_same_math(_compiled(compiled, input_ids), _eager(adapter_model, input_ids))
+    adapter_model.unmerge_adapter()
+    assert_same_math(_compiled(compiled, input_ids), _eager(adapter_model, input_ids))
     assert counter.frame_count == 1
 
 
