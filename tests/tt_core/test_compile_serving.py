@@ -97,6 +97,23 @@ def test_switching_stacks_and_loading_an_adapter_within_capacity_do_not_recompil
     assert counter.frame_count == 1
 
 
+def test_deleting_every_adapter_of_a_kind_does_not_recompile():
+    adapter_model = _model()
+    adapter_model.set_adapter(["t1", "l1"])
+    adapter_model.prepare_for_compile()
+    input_ids = _inputs()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(adapter_model, backend=counter, fullgraph=True)
+    _compiled(compiled, input_ids)
+    for name in ("t1", "t2"):  # no row-replacing adapter left: their tables stay, empty
+        adapter_model.delete_adapter(name)
+        assert_same_math(_compiled(compiled, input_ids), _eager(adapter_model, input_ids))
+    adapter_model.set_adapter(["q", "l1"])
+    assert_same_math(_compiled(compiled, input_ids), _eager(adapter_model, input_ids))
+    assert counter.frame_count == 1
+
+
 def test_new_per_sample_assignments_do_not_recompile():
     adapter_model = _model()
     adapter_model.prepare_for_compile(max_stack=3)

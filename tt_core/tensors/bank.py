@@ -55,7 +55,7 @@ class BankCapacity:
     stack: int  # entries of the active stack (the compiled path)
 
     def holds(self, other: BankCapacity) -> bool:
-        """Whether contents needing ``other`` fit these tables (and use the same kinds of slots)."""
+        """Whether contents needing ``other`` fit these tables (slots of a kind left empty are fine)."""
         return (
             other.rows <= self.rows
             and other.rank <= self.rank
@@ -63,15 +63,18 @@ class BankCapacity:
             and other.row_slots <= self.row_slots
             and other.rank_slots <= self.rank_slots
             and other.stack <= self.stack
-            and (other.row_slots > 0) == (self.row_slots > 0)
-            and (other.rank_slots > 0) == (self.rank_slots > 0)
         )
 
     def grown(self, other: BankCapacity) -> BankCapacity:
-        """Each size the larger of the two."""
-        return BankCapacity(
-            *(max(a, b) for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True))
-        )
+        """Each size the larger of the two; adapter counts that grow at least double (fewer rebuilds)."""
+        sizes = {
+            field.name: max(getattr(self, field.name), getattr(other, field.name))
+            for field in dataclasses.fields(self)
+        }
+        for name in ("adapters", "row_slots", "rank_slots"):
+            if getattr(other, name) > getattr(self, name):
+                sizes[name] = max(sizes[name], 2 * getattr(self, name))
+        return BankCapacity(**sizes)
 
     def exceeded_by(self, other: BankCapacity) -> list[str]:
         """The capacities ``other`` exceeds, as ``name (needed > held)``."""

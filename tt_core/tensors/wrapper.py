@@ -398,8 +398,9 @@ class AdapterLayer(nn.Module):
                 exceeded = self.bank_capacity.exceeded_by(needed)
                 if exceeded and bank is not None:
                     warnings.warn(
-                        f"the adapters on this layer exceed the compiled capacity {', '.join(exceeded)}; "
-                        "the adapter tables are rebuilt, so a compiled model recompiles. Call "
+                        f"the adapters of the wrapped {type(self.base_layer).__name__} "
+                        f"({tuple(weight.shape)}) exceed the compiled capacity {', '.join(exceeded)}; the "
+                        "adapter tables are rebuilt, so a compiled model recompiles. Call "
                         "prepare_for_compile() with larger capacities to avoid it",
                         stacklevel=5,
                     )
