@@ -26,6 +26,7 @@ from tt_core.formats import native, peft, trainer
 from tt_core.merging import Merges
 from tt_core.plugins import get_plugin_manager
 from tt_core.records import AdapterRecord, Site, check_adapter_name
+from tt_core.tensors.bank import BankCapacity, bankable, needed_capacity
 from tt_core.tensors.distributed import whole_adapter_tensors
 from tt_core.tensors.state import AdapterState
 from tt_core.tensors.targets import find_tied_modules, named_base_modules
@@ -183,6 +184,7 @@ class AdapterModel(nn.Module):
             site.state.requires_grad_(False)
         record.fingerprint = native.base_fingerprint(self.model, record.sites)
         self._records[adapter_name] = record
+        self._sync_adapter_tables()
 
     def add_weighted_adapter(
         self,
@@ -255,7 +257,9 @@ class AdapterModel(nn.Module):
 
     def _serving(self) -> serving.Adapters:
         """What a per-sample call (``adapter_names=``) is checked against (tt_core/serving.py)."""
-        return serving.Adapters(self.model, self.adapters, self.merged_adapters, bool(self._disabled))
+        return serving.Adapters(
+            self.model, self.adapters, self.merged_adapters, bool(self._disabled), self._compile_stack()
+        )
 
     # ------------------------------------------------------------- switching
     @property
@@ -336,6 +340,7 @@ class AdapterModel(nn.Module):
         for _, _, wrapper in self._wrappers():
             wrapper.active_adapters = [name for name in names if name in wrapper.adapters]
         self._apply_requires_grad()
+        self._sync_adapter_tables()
 
     def _apply_requires_grad(self) -> None:
         for record in self._records.values():
@@ -377,6 +382,7 @@ class AdapterModel(nn.Module):
                 record.trainable = name in active and not record.for_inference
         self._activate(active)
         self._merges.merge_exactly([name for name in merged if name in active])
+        self._sync_adapter_tables()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -398,6 +404,7 @@ class AdapterModel(nn.Module):
             self._disabled = 0
             self._activate(active)
             self._merges.merge_exactly(merged)
+            self._sync_adapter_tables()
 
     def clear_inference_cache(self) -> None:
         """Forget every stack folded for calls without a gradient (see :mod:`tt_core.tensors.folded`).
@@ -432,11 +439,13 @@ class AdapterModel(nn.Module):
         if safe_merge:
             self._merges.check_writes(new)
         self._merges.merge_all_or_none(new)
+        self._sync_adapter_tables()
 
     def unmerge_adapter(self) -> None:
         """Undo every merge, newest first; trainable-token rows come back bit for bit."""
         self._refuse_while_disabled("unmerge_adapter")
         self._merges.unmerge_all()
+        self._sync_adapter_tables()
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -669,6 +678,7 @@ class AdapterModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise
         self._records[adapter_name].combined_from = copy.deepcopy(saved.entry.get(manifest.COMBINED_FROM))
+        self._sync_adapter_tables()
 
     def _load_peft(
         self, path: str | os.PathLike[str], adapter_name: str | None, is_trainable: bool, strict: bool
@@ -809,11 +819,8 @@ class AdapterModel(nn.Module):
             raise
         record.config = copy.deepcopy(config)
         record.fingerprint = fingerprint
-        # The adapter bank (branch "bank") keeps copies of the adapters' tensors for compiled and
-        # per-sample serving; until it lands here, this model may not have it.
-        refresh = getattr(self, "refresh_adapter_tables", None)
-        if callable(refresh):
-            refresh()
+        # The adapter banks keep copies of the adapters' tensors for compiled and per-sample serving.
+        self.refresh_adapter_tables()
 
     def adapter_record(self, adapter_name: str) -> AdapterRecord:
         """The record of one adapter (config, sites, base fingerprint), as the formats take it."""
@@ -868,6 +875,7 @@ class AdapterModel(nn.Module):
             )
         ours = {key: value for key, value in state_dict.items() if key in expected}
         super().load_state_dict(ours, strict=False, assign=assign)
+        self._sync_adapter_tables()
         return _IncompatibleKeys(missing, unexpected)
 
     def get_extra_state(self) -> torch.Tensor:
@@ -887,6 +895,153 @@ class AdapterModel(nn.Module):
     @_ddp_params_and_buffers_to_ignore.setter
     def _ddp_params_and_buffers_to_ignore(self, names: list[str]) -> None:
         self.__dict__["_ddp_also_ignored"] = list(names)
+
+    # ------------------------------- compiled inference (tt_core/tensors/bank.py, docs/serving.md)
+    #: The capacities prepare_for_compile() asked for (None: not prepared): rows, rank, stack, adapters.
+    _compile_request: dict[str, int | None] | None = None
+
+    def prepare_for_compile(
+        self,
+        max_rows: int | None = None,
+        max_rank: int | None = None,
+        max_stack: int | None = None,
+        max_adapters: int | None = None,
+    ) -> None:
+        """Fix the sizes of the adapter tables: a compiled model then switches without recompiling.
+
+        Afterwards, under ``torch.compile`` in eval mode without a gradient,
+        each adapted layer applies the active stack from its adapter bank
+        (:mod:`tt_core.tensors.bank`): ``set_adapter`` to another adapter or
+        stack, adding or loading an adapter, and per-sample calls with
+        :meth:`adapter_entries` then only write into tensors the compiled graph
+        already reads. The capacities (None: what the adapters loaded now need):
+
+        * ``max_rows``: rows one row-replacing adapter (trainable tokens) may replace;
+        * ``max_rank``: rank of one low-rank adapter (LoRA);
+        * ``max_stack``: adapters in one stack (the active one, or one sample's);
+        * ``max_adapters``: adapters on the model (default: twice as many as now, at least 4).
+
+        Going beyond one later rebuilds the tables (a recompile) with a warning naming it.
+        """
+        request = {"rows": max_rows, "rank": max_rank, "stack": max_stack, "adapters": max_adapters}
+        for argument, value in request.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ArgumentTypeError(f"max_{argument} must be a positive int or None, got {value!r}")
+            if value is not None and value < 1:
+                raise ConfigError(f"max_{argument} must be at least 1, got {value}")
+        names = tuple(self._records)
+        for module_name, layer in self._named_wrappers():
+            states = {
+                name: state for name, state in layer.adapters.items() if bankable(state, layer.base_layer)
+            }
+            needed = needed_capacity(states, names, len(self._active))  # type: ignore[arg-type]
+            for argument, held in (("rows", needed.rows), ("rank", needed.rank), ("stack", needed.stack)):
+                wanted = request[argument]
+                if wanted is not None and wanted < held:
+                    raise ConfigError(
+                        f"prepare_for_compile(max_{argument}={wanted}): {module_name} already needs {held} "
+                        f"({argument}); pass max_{argument}={held} or more, or None"
+                    )
+            if max_adapters is not None and max_adapters < len(names):
+                raise ConfigError(
+                    f"prepare_for_compile(max_adapters={max_adapters}): the model has {len(names)} adapters; "
+                    f"pass max_adapters={len(names)} or more, or None"
+                )
+        # Every capacity checked: only now is anything changed.
+        self._compile_request = request
+        for module_name, layer in self._named_wrappers():
+            unbanked = [
+                name for name, state in layer.adapters.items() if not bankable(state, layer.base_layer)
+            ]
+            if unbanked:
+                warnings.warn(
+                    f"adapters {unbanked} on {module_name} do not fold (neither low-rank nor row-replacing); "
+                    "a compiled model recompiles when a stack holding them is activated",
+                    stacklevel=2,
+                )
+            layer.bank = None
+            layer.bank_capacity = self._capacity_for(layer, names)
+            layer.adapter_order = names
+            layer.refresh_bank()
+
+    def refresh_adapter_tables(self) -> None:
+        """Recompute every layer's adapter tables from the adapters' current weights.
+
+        The verbs (``set_adapter``, ``add_adapter``, ``load_adapter``,
+        ``delete_adapter``, merges, ``train()``/``eval()``, ``load_state_dict``)
+        do it themselves;
+        call it after changing adapter weights by hand while serving a compiled
+        model (a compiled graph cannot check them). In place within the capacities
+        of :meth:`prepare_for_compile`: no recompilation.
+        """
+        names = tuple(self._records)
+        for _, layer in self._named_wrappers():
+            layer.adapter_order = names
+            layer.refresh_bank()
+
+    def adapter_entries(self, adapter_names: list[Any]) -> torch.Tensor:
+        """``adapter_names`` (one entry per sample: a name, a stack, or ``"__base__"``) as a tensor.
+
+        The ``(batch, depth)`` long tensor, on the device of the model's adapters,
+        that ``model(..., adapter_names=entries)`` and ``generate`` accept in
+        place of the names. A compiled model then gets a new assignment of
+        adapters to samples without recompiling (the names would be guarded
+        on). Valid until an adapter is added or deleted; ``depth`` is the stack
+        capacity of :meth:`prepare_for_compile` when one was fixed.
+        """
+        entries = serving.entries_of(self._serving(), adapter_names)
+        for _, _, layer in self._wrappers():
+            weight: torch.Tensor = layer.base_layer.weight  # type: ignore[assignment]
+            return entries.to(weight.device)
+        return entries
+
+    def train(self, mode: bool = True) -> AdapterModel:
+        super().train(mode)
+        self._sync_adapter_tables()
+        return self
+
+    def _compile_stack(self) -> int | None:
+        """The stack capacity of the adapter tables (a per-sample call's depth), when prepared."""
+        if self._compile_request is None:
+            return None
+        stacks = [layer.bank_capacity.stack for _, layer in self._named_wrappers() if layer.bank_capacity]
+        return max(stacks, default=None)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterModel:
+        # .to(), .cuda(), .half()...: the adapter tables follow the weights to their device and dtype.
+        super()._apply(fn, recurse)
+        self._sync_adapter_tables()
+        return self
+
+    def _named_wrappers(self) -> list[tuple[str, AdapterLayer]]:
+        return [
+            (name, module) for name, module in self.model.named_modules() if isinstance(module, AdapterLayer)
+        ]
+
+    def _sync_adapter_tables(self) -> None:
+        """After a verb: the adapter tables follow the adapters and the active stack, if prepared."""
+        if self._compile_request is None:
+            return
+        names = tuple(self._records)
+        for _, layer in self._named_wrappers():
+            layer.adapter_order = names
+            if layer.bank_capacity is None:  # a layer wrapped after prepare_for_compile
+                layer.bank_capacity = self._capacity_for(layer, names)
+            layer.sync_bank()
+
+    def _capacity_for(self, layer: AdapterLayer, names: tuple[str, ...]) -> BankCapacity:
+        request = self._compile_request or {}
+        states = {name: state for name, state in layer.adapters.items() if bankable(state, layer.base_layer)}
+        needed = needed_capacity(states, names, len(self._active))  # type: ignore[arg-type]
+        adapters = max(request.get("adapters") or max(4, 2 * len(names)), len(names))
+        return BankCapacity(
+            rows=max(request.get("rows") or 0, needed.rows),
+            rank=max(request.get("rank") or 0, needed.rank),
+            adapters=adapters,
+            row_slots=adapters if needed.row_slots else 0,
+            rank_slots=adapters if needed.rank_slots else 0,
+            stack=max(request.get("stack") or 0, needed.stack),
+        )
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:

@@ -5,24 +5,25 @@ adapter_names=[...])`` take one entry per sample: an adapter name, a list of
 names (a stack, applied in order) or :data:`BASE` for the base model. For the
 length of the call a :class:`SamplePlan` is set on every
 :class:`~tt_core.tensors.wrapper.AdapterLayer` (:func:`serving`); the layer then computes
-the base output once for the whole batch and applies each *distinct* stack to
-its own samples (:func:`apply_plan`): a loop over stacks, never over samples
-or tokens.
+the base output once for the whole batch and applies every sample's stack:
 
-How a stack is applied to its samples:
-
-* on a linear head, when every adapter of the stack gives
-  :meth:`~tt_core.tensors.state.AdapterState.low_rank_factors` or declares
-  :attr:`~tt_core.tensors.state.AdapterState.head_replaces_rows` (trainable tokens,
-  LoRA and their stacks): sparsely, in place: the low-rank updates of those
-  samples are added with one ``index_add_``, and the touched columns of those
-  samples only are written with the rows folded through the stack
-  (:meth:`~tt_core.tensors.state.AdapterState.adapt_rows`);
+* from its adapter bank (:mod:`tt_core.tensors.bank`), when every adapter the
+  call names on that layer folds (trainable tokens, LoRA, and any method giving
+  :meth:`~tt_core.tensors.state.AdapterState.low_rank_weight` or declaring
+  :attr:`~tt_core.tensors.state.AdapterState.head_replaces_rows`): the plan's
+  ``(batch, depth)`` tensor of entries picks each sample's adapters, and a
+  fixed number of batched ops applies them, however many distinct stacks the
+  batch holds;
 * otherwise (the default, which any method from an outside plugin gets without
-  writing anything new): the rows of the stack's samples are taken out of the
-  input and the base output, the stack's usual ``embed``/``project`` rules run
-  on them as if those samples were the whole batch, and the result is written
-  back (``index_copy_``). This costs one copy of those samples' output.
+  writing anything new), stack by stack (:func:`apply_plan`): the rows of the
+  stack's samples are taken out of the input and the base output, the stack's
+  usual ``embed``/``project`` rules run on them as if those samples were the
+  whole batch, and the result is written back (``index_copy_``).
+
+``adapter_names`` may also be the tensor :func:`entries_of` returns
+(``AdapterModel.adapter_entries``): checked without reading its values, so a
+compiled model takes a new assignment without recompiling; every adapter on
+each layer must then fold.
 
 Per-sample calls are for inference: they are refused while the model trains,
 while adapters are merged, inside ``disable_adapter()``, and for unknown names
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from tt_core.api.errors import AdapterStateError, ArgumentTypeError, ConfigError
-from tt_core.tensors.per_sample import SamplePlan
+from tt_core.tensors.per_sample import SampleEntries, SamplePlan
 from tt_core.tensors.wrapper import wrappers_in
 
 #: The entry of ``adapter_names`` that runs a sample on the base model.
@@ -59,10 +60,23 @@ class Adapters:
     names: list[str]  # every adapter on the model
     merged: list[str]  # those merged into the base weights
     disabled: bool  # inside ``disable_adapter()``
+    depth: int | None = None  # the stack capacity prepare_for_compile() fixed, if any
 
 
-def make_plan(adapters: Adapters, adapter_names: object, batch_size: int | None) -> SamplePlan:
-    """Check ``adapter_names`` against the adapters and the batch; nothing is changed here."""
+def make_plan(
+    adapters: Adapters, adapter_names: object, batch_size: int | None
+) -> SamplePlan | SampleEntries:
+    """Check ``adapter_names`` against the adapters and the batch; nothing is changed here.
+
+    A tensor is taken as entries (:func:`entries_of`), checked without reading its values.
+    """
+    _check_serving(adapters)
+    if isinstance(adapter_names, torch.Tensor):
+        return _entries_plan(adapters, adapter_names, batch_size)
+    return _names_plan(adapters, adapter_names, batch_size)
+
+
+def _check_serving(adapters: Adapters) -> None:
     if adapters.model.training:
         raise AdapterStateError(
             "adapter_names= (an adapter stack per sample) is for inference; the model is training. "
@@ -75,6 +89,34 @@ def make_plan(adapters: Adapters, adapter_names: object, batch_size: int | None)
         )
     if adapters.disabled:
         raise AdapterStateError("adapter_names= cannot run inside `with disable_adapter():`")
+
+
+def _entries_plan(adapters: Adapters, entries: torch.Tensor, batch_size: int | None) -> SampleEntries:
+    if entries.dim() != 2 or entries.dtype != torch.long:
+        raise ArgumentTypeError(
+            "adapter_names given as a tensor must be the (batch, depth) long tensor "
+            f"adapter_model.adapter_entries(names) returns, got {entries.dtype} of shape "
+            f"{tuple(entries.shape)}"
+        )
+    if batch_size is not None and entries.shape[0] != batch_size:
+        raise ConfigError(
+            f"adapter_names has {entries.shape[0]} rows for a batch of {batch_size} samples; "
+            "give one row per sample"
+        )
+    return SampleEntries(entries, adapters.names)
+
+
+def entries_of(adapters: Adapters, adapter_names: object) -> torch.Tensor:
+    """``adapter_names`` (names, stacks, :data:`BASE`) as the ``(batch, depth)`` tensor of entries.
+
+    Entry ``i + 1`` is the model's ``i``-th adapter, 0 none; stacks are padded
+    with 0 to ``adapters.depth`` (or the longest stack). On the host.
+    """
+    plan = _names_plan(adapters, adapter_names, None)
+    return plan.entries(plan.batch_size, torch.device("cpu"))
+
+
+def _names_plan(adapters: Adapters, adapter_names: object, batch_size: int | None) -> SamplePlan:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise ArgumentTypeError(
             f"adapter_names must be a list with one entry per sample (a name, a list of names, or "
@@ -97,7 +139,7 @@ def make_plan(adapters: Adapters, adapter_names: object, batch_size: int | None)
             position_of[stack] = len(stacks)
             stacks.append(stack)
         sample_stack.append(position_of[stack])
-    return SamplePlan(stacks, sample_stack)
+    return SamplePlan(stacks, sample_stack, adapters.names, adapters.depth)
 
 
 def _stack(entry: object, sample: int, known: set[str]) -> tuple[str, ...]:

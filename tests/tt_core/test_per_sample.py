@@ -89,6 +89,25 @@ def test_lora_and_stacks_with_trainable_tokens_per_sample(family):
     _check_mixed(adapter_model, names, _inputs(len(names), seed=2))
 
 
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "custom", "gemma3"])
+def test_stacks_through_the_adapter_tables_equal_each_sample_alone(family):
+    # Untied and tied heads, a head with a bias (custom), a scaled embedding (Gemma3's embed_scale).
+    adapter_model = _tt_model(family)
+    adapter_model.add_adapter("lora", LoraEmbeddingConfig(r=3))
+    _randomize(adapter_model, seed=11)
+    names = [["a", "lora", "b"], "__base__", ["lora", "b", "a"], "lora", ["b", "a"], "b"]
+    inputs = _inputs(len(names), seed=3)
+    _check_mixed(adapter_model, names, inputs)
+    entries = adapter_model.adapter_entries(names)  # the tensor form gives the same logits
+    assert entries.shape == (len(names), 3) and entries.dtype == torch.long
+    torch.testing.assert_close(
+        logits(adapter_model, {**inputs, "adapter_names": entries}),
+        logits(adapter_model, {**inputs, "adapter_names": names}),
+        rtol=0,
+        atol=0,
+    )
+
+
 # ------------------------------------------------- a method from an outside plugin
 @dataclasses.dataclass
 class ScaleRowsConfig(AdapterConfig):
@@ -150,16 +169,63 @@ def test_a_method_from_an_outside_plugin_is_served_per_sample_by_the_default(sca
     _check_mixed(adapter_model, names, _inputs(len(names), seed=4))
 
 
+class AddRowsState(ScaleRowsState):
+    """Declares row replacement, but its new rows depend on the rows before it: rows + delta."""
+
+    head_replaces_rows = True
+
+    def embed(self, input_ids, output, base_layer):
+        hit = (input_ids.unsqueeze(-1) == self.token_indices).to(output.dtype)
+        return output + hit @ self.scale
+
+    def adapt_rows(self, token_ids, rows):
+        hit = (token_ids.unsqueeze(-1) == self.token_indices).to(rows.dtype)
+        return rows + hit @ self.scale
+
+    def project(self, hidden, output, base_layer, earlier):
+        rows = base_layer.weight[self.token_indices]
+        for state in earlier:
+            rows = state.adapt_rows(self.token_indices, rows)
+        return output.index_copy(-1, self.token_indices, hidden @ (rows + self.scale).T)
+
+
+class AddRowsPlugin(ScaleRowsPlugin):
+    @hookimpl
+    def create_layer(self, config, adapter_name, target_name, base_layer):
+        return AddRowsState(base_layer.weight, config.token_indices)
+
+
+def test_a_row_replacing_method_whose_rows_depend_on_the_rows_before_is_served_per_stack():
+    manager = tt_core.get_plugin_manager()
+    manager.register(AddRowsPlugin(), name="scale_rows_ps")
+    try:
+        adapter_model = _tt_model("llama_tied")
+        adapter_model.add_adapter("add", ScaleRowsConfig(token_indices=[7, 11, 60]))
+        _randomize(adapter_model, seed=8)
+        names = [["a", "add"], "add", "__base__", ["add", "b", "a"], "b"]
+        _check_mixed(adapter_model, names, _inputs(len(names), seed=5))
+    finally:
+        manager.unregister(name="scale_rows_ps")
+
+
 # ------------------------------------------------------------------- generate
-@pytest.mark.parametrize("num_beams", [1, 2])
-def test_generate_with_mixed_adapters_on_a_tied_model_equals_each_sample_alone(num_beams):
+@pytest.mark.parametrize(("num_beams", "sequences"), [(1, 1), (2, 1), (2, 2)])
+def test_generate_with_mixed_adapters_on_a_tied_model_equals_each_sample_alone(num_beams, sequences):
     adapter_model = _tt_model("llama_tied")
     adapter_model.add_adapter("lora", LoraEmbeddingConfig(r=4))
     _randomize(adapter_model, seed=9)
     names = ["a", "__base__", ["b", "lora"], "lora"]
     inputs = _inputs(len(names), seed=6)
-    options = {"max_new_tokens": 6, "do_sample": False, "num_beams": num_beams, "pad_token_id": 0}
+    options = {
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "num_beams": num_beams,
+        "num_return_sequences": sequences,
+        "pad_token_id": 0,
+    }
     mixed = adapter_model.generate(**inputs, adapter_names=names, **options)
+    entries = adapter_model.adapter_entries(names)  # the tensor form (compiled serving) generates the same
+    assert torch.equal(adapter_model.generate(**inputs, adapter_names=entries, **options), mixed)
     for sample, entry in enumerate(names):
         one = inputs["input_ids"][sample : sample + 1]
         if entry == "__base__":
@@ -168,7 +234,7 @@ def test_generate_with_mixed_adapters_on_a_tied_model_equals_each_sample_alone(n
         else:
             adapter_model.set_adapter(entry)
             alone = adapter_model.generate(input_ids=one, **options)
-        assert torch.equal(mixed[sample], alone[0]), (sample, entry)
+        assert torch.equal(mixed[sample * sequences : (sample + 1) * sequences], alone), (sample, entry)
 
 
 # ------------------------------------------------------------------- refusals

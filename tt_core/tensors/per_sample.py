@@ -2,12 +2,17 @@
 
 :mod:`tt_core.serving` checks a call's ``adapter_names`` and sets a
 :class:`SamplePlan` on every wrapper for the call; the wrapper's forward
-then calls :func:`apply_plan`, which applies each distinct stack to its own
-samples' rows: a loop over stacks, never over samples or tokens.
+then applies every sample's stack through its adapter bank
+(:mod:`tt_core.tensors.bank`, a fixed number of ops whatever the stacks) with
+the plan's :meth:`SamplePlan.entries`. Only where a stack holds a state that
+cannot fold (a method from an outside plugin without the opt-ins) does it call
+:func:`apply_plan`, which applies each distinct stack to its own samples' rows:
+a loop over stacks, never over samples or tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,18 +31,61 @@ class SamplePlan:
 
     ``stacks`` are the distinct stacks (tuples of adapter names; the base
     model's is the empty tuple); ``sample_stack[i]`` is the position in
-    ``stacks`` of sample ``i``'s stack. The index tensors of each stack are
-    built once per call and batch size (:meth:`groups`), not once per layer.
+    ``stacks`` of sample ``i``'s stack. ``names`` are the model's adapters:
+    :meth:`entries` numbers them from 1 (0: none), as an adapter bank
+    (:mod:`tt_core.tensors.bank`) reads them. The index tensors are built once
+    per call and batch size (:meth:`groups`, :meth:`entries`), not once per layer.
     """
 
-    def __init__(self, stacks: list[tuple[str, ...]], sample_stack: list[int]) -> None:
+    def __init__(
+        self,
+        stacks: list[tuple[str, ...]],
+        sample_stack: list[int],
+        names: Sequence[str] = (),
+        depth: int | None = None,
+    ) -> None:
         self.stacks = stacks
         self.sample_stack = torch.tensor(sample_stack, dtype=torch.long)
+        self.names = tuple(names)
+        #: Every adapter some sample uses; None: not known without reading a device tensor.
+        self.used: frozenset[str] | None = frozenset(name for stack in stacks for name in stack)
         self._groups: dict[tuple[int, torch.device], list[tuple[tuple[str, ...], torch.Tensor]]] = {}
+        self._entries: dict[tuple[int, torch.device], torch.Tensor] = {}
+        entry_of = {name: entry for entry, name in enumerate(self.names, start=1)}
+        depth = max([depth or 1, *(len(stack) for stack in stacks)])
+        rows = [[entry_of.get(name, 0) for name in stack] for stack in stacks]
+        table = torch.tensor([row + [0] * (depth - len(row)) for row in rows], dtype=torch.long)
+        self._host_entries = table[self.sample_stack]
 
     @property
     def batch_size(self) -> int:
         return int(self.sample_stack.shape[0])
+
+    def _factor(self, batch_size: int) -> int:
+        samples = self.batch_size
+        if batch_size % samples:
+            raise ConfigError(
+                f"adapter_names has {samples} entries, but a layer got a batch of {batch_size}; "
+                "the model must keep the batch as the first dimension of its inputs"
+            )
+        return batch_size // samples
+
+    def entries(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Each batch row's stack as adapter entries, ``(batch_size, depth)`` long, on ``device``.
+
+        Built on the host once per call; on CUDA copied from pinned memory
+        without waiting. Rows repeat as in :meth:`groups`.
+        """
+        key = (batch_size, device)
+        if key not in self._entries:
+            factor = self._factor(batch_size)
+            host = self._host_entries
+            if factor > 1:
+                host = host.unsqueeze(1).expand(-1, factor, -1).reshape(batch_size, -1)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            self._entries[key] = host.to(device, non_blocking=True)
+        return self._entries[key]
 
     def groups(self, batch_size: int, device: torch.device) -> list[tuple[tuple[str, ...], torch.Tensor]]:
         """Each non-empty stack with the batch rows of its samples, on ``device``.
@@ -47,13 +95,7 @@ class SamplePlan:
         """
         key = (batch_size, device)
         if key not in self._groups:
-            samples = self.batch_size
-            if batch_size % samples:
-                raise ConfigError(
-                    f"adapter_names has {samples} entries, but a layer got a batch of {batch_size}; "
-                    "the model must keep the batch as the first dimension of its inputs"
-                )
-            factor = batch_size // samples
+            factor = self._factor(batch_size)
             groups = []
             for position, stack in enumerate(self.stacks):
                 if not stack:
@@ -63,6 +105,36 @@ class SamplePlan:
                 groups.append((stack, rows.to(device)))
             self._groups[key] = groups
         return self._groups[key]
+
+
+class SampleEntries:
+    """A per-sample call given as a tensor of adapter entries (``AdapterModel.adapter_entries``).
+
+    ``tensor`` is ``(samples, depth)`` long: entry ``i + 1`` is ``names[i]``,
+    0 none. Nothing reads its values on the host, so a compiled model takes a
+    new assignment of adapters to samples without recompiling; only adapter
+    banks (:mod:`tt_core.tensors.bank`) can apply it.
+    """
+
+    used: frozenset[str] | None = None
+
+    def __init__(self, tensor: torch.Tensor, names: Sequence[str]) -> None:
+        self.tensor = tensor
+        self.names = tuple(names)
+
+    def entries(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """The entries for a layer's batch of ``batch_size`` rows (samples repeated in a row)."""
+        samples = self.tensor.shape[0]
+        if batch_size % samples:
+            raise ConfigError(
+                f"adapter_names has {samples} rows, but a layer got a batch of {batch_size}; "
+                "the model must keep the batch as the first dimension of its inputs"
+            )
+        tensor = self.tensor.to(device)
+        factor = batch_size // samples
+        if factor > 1:
+            tensor = tensor.unsqueeze(1).expand(samples, factor, tensor.shape[1]).reshape(batch_size, -1)
+        return tensor
 
 
 def apply_plan(layer: AdapterLayer, plan: SamplePlan, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from tt_core.api.errors import ConfigError
+from tt_core.api.errors import AdapterStateError, ConfigError
+from tt_core.tensors.bank import AdapterBank, BankCapacity, bankable, needed_capacity
 from tt_core.tensors.folded import FoldedStack, stamp
 from tt_core.tensors.kernels import add_low_rank, first_occurrences, replace_columns
 from tt_core.tensors.per_sample import apply_plan
@@ -83,11 +85,13 @@ class AdapterLayer(nn.Module):
         return isinstance(self._modules["base_layer"], nn.Embedding)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self._compiled_bank_applies(args, kwargs):
+            # Compiled inference: the active stack from the bank, chosen by a tensor (no recompile).
+            bank: AdapterBank = self.bank  # type: ignore[assignment]
+            output = self.base_layer(x)
+            return bank.apply(self.base_layer, x, output, bank.active.expand(output.shape[0], -1))
         if self.sample_plan is not None:  # adapter_names=: a stack per sample (tt_core/serving.py)
-            base_output, writable = self._writable_base_output(self.base_layer(x, *args, **kwargs))
-            if not writable:  # the plan writes in place; a hook may hold the base output
-                base_output = base_output.clone(memory_format=torch.contiguous_format)
-            return apply_plan(self, self.sample_plan, x, base_output)
+            return self._forward_per_sample(x, *args, **kwargs)
         states: list[AdapterState] = []
         for name in self.active_adapters:
             state: AdapterState = self.adapters[name]  # type: ignore[assignment]
@@ -323,6 +327,148 @@ class AdapterLayer(nn.Module):
         ):
             return torch.ops.aten._unsafe_view(root, output.shape), True
         return output, False
+
+    # ------------------------------------------------------------- adapter bank
+    #: Every foldable adapter of the layer in fixed-size tables (tt_core/tensors/bank.py): per-sample
+    #: calls and compiled inference apply stacks from it.
+    bank: AdapterBank | None = None
+    #: The capacities AdapterModel.prepare_for_compile fixed; None: the bank is sized as needed.
+    bank_capacity: BankCapacity | None = None
+    #: The model's adapter names, whose positions (+1) are the bank's entries; set by the model.
+    adapter_order: tuple[str, ...] | None = None
+    #: Whether the compiled path may apply the active stack from the bank (every adapter of it is there).
+    bank_holds_active: bool = False
+
+    def refresh_bank(self) -> None:
+        """Recompute the adapter bank from the adapters' current weights, and its active stack.
+
+        In place when the new contents fit the bank's capacities, so that a
+        compiled model keeps running without recompiling. Call it (or
+        ``AdapterModel.refresh_adapter_tables()``) after changing adapter
+        weights yourself while serving a compiled model: under compile the
+        bank cannot notice such changes.
+        """
+        self.sync_bank(force=True)
+
+    def sync_bank(self, force: bool = False) -> None:
+        """Refill the bank where a weight changed (``force``: always), and write its active stack."""
+        names = self.adapter_order if self.adapter_order is not None else tuple(self.adapters)
+        stack = [name for name in self.active_adapters if not self.adapters[name].merged]
+        bank = self._ensure_bank(names, len(stack), force)
+        if bank is None:
+            self.bank_holds_active = False
+            return
+        entry_of = {name: entry for entry, name in enumerate(names, start=1)}
+        in_bank = [
+            name
+            for name in stack
+            if name in entry_of
+            and bankable(self.adapters[name], self.base_layer)
+            and name not in bank.excluded
+        ]
+        self.bank_holds_active = len(in_bank) == len(stack)
+        bank.set_active([entry_of[name] for name in in_bank])
+
+    def _ensure_bank(self, names: tuple[str, ...], stack: int, force: bool = False) -> AdapterBank | None:
+        """The bank, filled for the current weights and ``names``; rebuilt only when it outgrew its tables.
+
+        None where the weights cannot be stamped (inference tensors, DTensors) and
+        no capacity was fixed: the caller then takes the per-stack path.
+        """
+        states: dict[str, AdapterState] = {
+            name: state  # type: ignore[misc]
+            for name, state in self.adapters.items()
+            if bankable(state, self.base_layer)
+        }
+        key = stamp(self.base_layer, list(states.values()))
+        if key is None and self.bank_capacity is None:
+            return None
+        bank = self.bank
+        weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
+        if (
+            bank is not None
+            and not force
+            and key is not None
+            and bank.key == (key, names)
+            and stack <= bank.capacity.stack
+        ):
+            return bank  # the same weights: the same contents
+        needed = needed_capacity(states, names, stack)
+        fits = (
+            bank is not None
+            and bank.capacity.holds(needed)
+            and bank.dtype == weight.dtype
+            and bank.device == weight.device
+        )
+        if not fits:
+            capacity = needed
+            if self.bank_capacity is not None:
+                capacity = self.bank_capacity.grown(needed)
+                exceeded = self.bank_capacity.exceeded_by(needed)
+                if exceeded and bank is not None:
+                    warnings.warn(
+                        f"the adapters of the wrapped {type(self.base_layer).__name__} "
+                        f"({tuple(weight.shape)}) exceed the compiled capacity {', '.join(exceeded)}; the "
+                        "adapter tables are rebuilt, so a compiled model recompiles. Call "
+                        "prepare_for_compile() with larger capacities to avoid it",
+                        stacklevel=5,
+                    )
+                self.bank_capacity = capacity
+            bank = AdapterBank(self.base_layer, capacity)
+            self.bank = bank
+        assert bank is not None
+        bank.fill(self.base_layer, states, names, len(states) == len(self.adapters), (key, names))
+        return bank
+
+    def _compiled_bank_applies(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether a compiled call applies the active stack from the bank (eval, no gradient, prepared)."""
+        return (
+            self.sample_plan is None
+            and self.bank_capacity is not None
+            and self.bank is not None
+            and self.bank_holds_active
+            and not torch.is_grad_enabled()
+            and not self.training
+            and not args
+            and not kwargs
+        )
+
+    def _forward_per_sample(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each sample's stack: from the bank when every adapter it names is there, else stack by stack."""
+        plan = self.sample_plan
+        if x.dim() == 0:
+            raise ConfigError(
+                "adapter_names= needs the batch as the first dimension of every adapted module's input"
+            )
+        if torch.compiler.is_compiling():
+            # Under compile nothing may be stamped or refilled: prepare_for_compile() made the bank.
+            if self.bank is None or self.bank_capacity is None or not self.bank.complete:
+                raise AdapterStateError(
+                    "a compiled per-sample call needs the adapter tables: call "
+                    "adapter_model.prepare_for_compile() before compiling (every adapter must fold)"
+                )
+            output = self.base_layer(x, *args, **kwargs)
+            return self.bank.apply(self.base_layer, x, output, plan.entries(int(x.shape[0]), output.device))
+        base_output, writable = self._writable_base_output(self.base_layer(x, *args, **kwargs))
+        bank = None
+        used = plan.used
+        if used is None or all(
+            bankable(self.adapters[name], self.base_layer) for name in used if name in self.adapters
+        ):
+            bank = self._ensure_bank(plan.names, 1)
+            if bank is not None and used is not None and used & bank.excluded:
+                bank = None
+        if used is None and (bank is None or not bank.complete):
+            raise AdapterStateError(
+                "adapter_names= given as a tensor of entries needs every adapter on each layer to fold "
+                "(low-rank or row-replacing adapters, weights that are plain tensors); pass the names instead"
+            )
+        if bank is not None and type(base_output) is torch.Tensor and base_output.dim() >= 1:
+            entries = plan.entries(int(x.shape[0]), base_output.device)
+            return bank.apply(self.base_layer, x, base_output, entries, writable)
+        if not writable:  # the plan writes in place; a hook may hold the base output
+            base_output = base_output.clone(memory_format=torch.contiguous_format)
+        return apply_plan(self, plan, x, base_output)
 
     def __getattr__(self, name: str) -> Any:
         # Attributes the model reads from its embedding (weight, padding_idx,
