@@ -706,9 +706,11 @@ class AdapterModel(nn.Module):
         ``source`` is the name of another adapter on this model, or a saved
         folder (native or PEFT format; ``source_name`` picks one adapter of a
         folder holding several). It must be of the same method, on the same
-        modules, with tensors of the same shapes (rank, number of token ids).
-        The tensors keep their identity, so a ``torch.compile``'d model runs
-        the new weights without recompiling. The adapter keeps its name,
+        modules. Tensors of the same shapes keep their identity, so a
+        ``torch.compile``'d model runs the new weights without recompiling;
+        another rank or number of token ids replaces them, which a model
+        prepared with :meth:`prepare_for_compile` serves from its adapter
+        tables without recompiling while they fit its capacities. The adapter keeps its name,
         place in the stack and trainability; its config becomes the
         source's, so saving it afterwards writes the source. Refused while it
         is merged; on any error nothing changes.

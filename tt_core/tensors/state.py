@@ -198,13 +198,20 @@ class AdapterState(nn.Module):
         """Undo :meth:`merge_into` on ``weight``."""
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged: implement unmerge_from")
 
-    def copy_tensors_from(self, source: AdapterState, names: list[str] | None = None) -> None:
+    def copy_tensors_from(
+        self, source: AdapterState, names: list[str] | None = None, *, resize: bool = False
+    ) -> None:
         """Copy every parameter and buffer of ``source`` (or those ``names``) into this state's own, in place.
 
         The core's default ``hotswap`` hook. The two must hold the same names
         with the same shapes; anything else is a :class:`ConfigError` naming
         the difference, raised before any tensor changes. The tensors keep
-        their identity, dtype, device and ``requires_grad``.
+        their identity, dtype, device and ``requires_grad``. With ``resize``
+        (a method whose shapes may differ: another number of rows, another
+        rank) a tensor of another shape is replaced by a copy of the source's
+        instead, in this one's dtype, device and ``requires_grad``; a compiled
+        model then reads it from the adapter tables, within the capacities of
+        ``AdapterModel.prepare_for_compile`` (docs/serving.md).
         """
         mine = self._all_tensors(names)
         theirs = source._all_tensors(names)
@@ -212,7 +219,7 @@ class AdapterState(nn.Module):
         different = [
             f"{name} {tuple(theirs[name].shape)} (this adapter's: {tuple(tensor.shape)})"
             for name, tensor in mine.items()
-            if name in theirs and tensor.shape != theirs[name].shape
+            if name in theirs and tensor.shape != theirs[name].shape and not resize
         ]
         if missing or extra or different:
             parts = [
@@ -227,7 +234,16 @@ class AdapterState(nn.Module):
             )
         with torch.no_grad():
             for name, tensor in mine.items():
-                tensor.copy_(theirs[name])
+                if tensor.shape == theirs[name].shape:
+                    tensor.copy_(theirs[name])
+                    continue
+                owner_name, _, leaf = name.rpartition(".")
+                owner = self.get_submodule(owner_name) if owner_name else self
+                copy = theirs[name].detach().to(dtype=tensor.dtype, device=tensor.device).clone()
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                else:
+                    owner._buffers[leaf] = copy
 
     def _all_tensors(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = dict(self.named_parameters())

@@ -42,14 +42,9 @@ def create_layer(
 
 @hookimpl
 def hotswap(state: LoraEmbeddingLayer, source: LoraEmbeddingLayer) -> bool:
-    """The source's factors and scaling copied into this state's tensors; the ranks must match."""
-    if source.r != state.r:
-        raise ConfigError(
-            f"the source has rank {source.r} and this adapter rank {state.r}: a hot-swap writes the factors "
-            "into this adapter's in place, so the ranks must match. Load the source as a new adapter "
-            "(load_adapter) instead"
-        )
-    state.copy_tensors_from(source)  # lora_embedding_A, lora_embedding_B and the scaling buffer
+    """The source's factors and scaling into this state: in place at the same rank, replaced at another."""
+    state.copy_tensors_from(source, resize=True)  # lora_embedding_A, lora_embedding_B and the scaling buffer
+    state.r = source.r
     return True
 
 

@@ -213,13 +213,8 @@ def hotswap(state: Any, source: Any) -> bool:
     """The source's factors, scaling and dropout (or, on the embedding, its token rows) into this state."""
     if isinstance(state, TrainableTokensLayer):  # trainable_token_indices
         return tokens_plugin.hotswap(state=state, source=source)
-    if source.r != state.r:
-        raise ConfigError(
-            f"the source has rank {source.r} and this adapter rank {state.r}: a hot-swap writes the factors "
-            "into this adapter's in place, so the ranks must match. Load the source as a new adapter "
-            "(load_adapter) instead"
-        )
-    state.copy_tensors_from(source)  # lora_A, lora_B and the scaling buffer
+    state.copy_tensors_from(source, resize=True)  # lora_A, lora_B and the scaling buffer; another rank too
+    state.r = source.r
     state.dropout = source.dropout
     return True
 

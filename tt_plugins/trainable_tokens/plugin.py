@@ -103,19 +103,13 @@ def combine(
 
 @hookimpl
 def hotswap(state: TrainableTokensLayer, source: TrainableTokensLayer) -> bool:
-    """The source's rows and ids (the id buffers too) copied into this state's tensors.
+    """The source's rows and ids (the id buffers too) into this state's tensors.
 
-    The ids may differ; their number may not, since the tensors keep their shape.
+    In place for as many ids; another number of ids replaces the tensors (a
+    compiled model reads them from its adapter tables, docs/serving.md).
     """
-    ours, theirs = state.token_indices.numel(), source.token_indices.numel()
-    if ours != theirs:
-        raise ConfigError(
-            f"the source trains {theirs} token ids and this adapter {ours}: a hot-swap writes the rows into "
-            f"this adapter's {ours} in place, so the numbers must match. Load the source as a new adapter "
-            "(load_adapter) instead, or train the adapters with as many ids"
-        )
     # Not base_rows: what a merged source keeps to unmerge is its own business.
-    state.copy_tensors_from(source, [*TrainableTokensLayer.ID_BUFFERS, "trainable_tokens_rows"])
+    state.copy_tensors_from(source, [*TrainableTokensLayer.ID_BUFFERS, "trainable_tokens_rows"], resize=True)
     return True
 
 
