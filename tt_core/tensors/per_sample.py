@@ -200,7 +200,8 @@ def _apply_head_sparse(
         delta = left.reshape(-1, left.shape[-1]) @ right
         output.index_add_(0, rows, delta.view(*hidden_rows.shape[:-1], vocab))
     if touched:
-        ids = torch.cat(touched).unique() if len(touched) > 1 else touched[0]
+        # Ids two adapters replace repeat, with equal columns: no unique(), whose size the host must read.
+        ids = torch.cat(touched) if len(touched) > 1 else touched[0]
         base: nn.Linear = layer.base_layer  # type: ignore[assignment]
         new_rows = base.weight[ids]
         for state in states:
