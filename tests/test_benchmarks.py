@@ -291,13 +291,15 @@ DECODE_HEAD = [
 ]
 
 
-def test_compiled_against_eager_decode_reports_every_setup(ttbench, tmp_path, capsys):
+@pytest.mark.parametrize("prepare", [False, True])
+def test_compiled_against_eager_decode_reports_every_setup(ttbench, tmp_path, capsys, prepare):
     """Greedy decode, eager and compiled (dynamo's 'eager' backend: tracing without inductor's
-    build time), for the base model and one unmerged trainable-tokens adapter."""
+    build time), for the base model and one unmerged trainable-tokens adapter (its banks with --prepare)."""
     from ttbench import decode
 
     out = tmp_path / "decode.json"
     argv = ["--shape", "v512-d32-tied-k4-b1x8", "--new-tokens", "3", "--repeats", "2", "--backend", "eager"]
+    argv += ["--prepare"] if prepare else []
     assert decode.main([*argv, "--json", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert [cell.strip() for cell in printed[0].strip("|").split("|")] == DECODE_HEAD
@@ -308,10 +310,11 @@ def test_compiled_against_eager_decode_reports_every_setup(ttbench, tmp_path, ca
         assert float(row[4]) > 0 and float(row[6]) > 0 and row[10] == "yes", row
     assert rows["base compiled default"][6] == "1.000" and rows["base compiled default"][8] == "1"
     assert rows["base compiled default"][9] == "0"  # the per-token graph, compiled once, reused
-    # The adapter either compiles (then it is timed like the base) or is reported failed in one line.
+    # The adapter compiles into one graph, reused for every token, with the eager model's tokens.
     adapter = rows["tt compiled default"]
-    assert float(adapter[4]) > 0 if not adapter[4].startswith("failed: ") else adapter[5:] == ["-"] * 6
+    assert float(adapter[4]) > 0 and adapter[8:] == ["1", "0", "yes"], adapter
     result = json.loads(out.read_text())
+    assert result["prepared"] is prepare
     assert (result["device"], result["dtype"], result["new_tokens"]) == ("cpu", "float32", 3)
     for entry in result["setups"].values():
         assert ("failed" in entry) != ("median_s" in entry)
