@@ -170,6 +170,11 @@ def saved_adapter_names(path: str | os.PathLike[str]) -> list[str]:
     return []
 
 
+def _where(infos: list[Published]) -> str:
+    """The versions a load names, for its messages."""
+    return infos[0].spec if len(infos) == 1 else f"the adapters {[info.spec for info in infos]}"
+
+
 class Registry:
     """Published adapters under ``root`` (default: :func:`default_root`).
 
@@ -544,17 +549,8 @@ class Registry:
     ) -> tuple[Relocation, dict[str, storage.SavedAdapter]]:
         """The relocation of ``infos``' tokens and their files rewritten for it; every check, no change."""
         relocation = plan(tokenizer.get_vocab(), len(tokenizer), [(i.spec, i.added_tokens) for i in infos])
-        where = infos[0].spec if len(infos) == 1 else f"the adapters {[info.spec for info in infos]}"
-        missing = sync_tokenizer(tokenizer, list(relocation.tokens), where, add=False)
         model: Any = into.model if into is not None else base_model
-        rows = int(model.get_input_embeddings().weight.shape[0])
-        size = len(tokenizer) + len(missing)
-        if rows < size and into is not None and into.adapters:
-            raise RegistryError(
-                f"the tokenizer would have {size} tokens but the model's embedding {rows} rows, "
-                "and a model carrying adapters cannot be resized; resize before adding adapters"
-            )
-        rows = max(rows, size)
+        rows = self._rows_after(model, into, tokenizer, list(relocation.tokens), infos)
         vocabulary = vocabulary_modules(model)
         relocated = {}
         for info in infos:
@@ -572,8 +568,7 @@ class Registry:
         infos: list[Published],
     ) -> None:
         """Add the planned tokens to ``tokenizer`` and resize the model once, keeping a tied head tied."""
-        where = infos[0].spec if len(infos) == 1 else f"the adapters {[info.spec for info in infos]}"
-        sync_tokenizer(tokenizer, list(relocation.tokens), where)
+        sync_tokenizer(tokenizer, list(relocation.tokens), _where(infos))
         model: Any = into.model if into is not None else base_model
         if int(model.get_input_embeddings().weight.shape[0]) >= relocation.rows:
             return
@@ -621,9 +616,26 @@ class Registry:
                         )
                 recorded[token["content"]] = at_id[token["id"]] = {**token, "spec": info.spec}
         tokens = [{k: v for k, v in token.items() if k != "spec"} for token in recorded.values()]
-        where = infos[0].spec if len(infos) == 1 else f"the adapters {[info.spec for info in infos]}"
-        missing = sync_tokenizer(tokenizer, tokens, where, add=False)
         model: Any = into.model if into is not None else base_model
+        rows = self._rows_after(model, into, tokenizer, tokens, infos)
+        # What the load checks after the resize (shapes, the base), checked before it.
+        vocabulary = vocabulary_modules(model)
+        for info in infos:
+            check_fits(saved[info.name], info.spec, model, rows, vocabulary, strict)
+        sync_tokenizer(tokenizer, tokens, _where(infos))
+        if int(model.get_input_embeddings().weight.shape[0]) < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+
+    @staticmethod
+    def _rows_after(
+        model: Any,
+        into: AdapterModel | None,
+        tokenizer: Any,
+        tokens: list[dict[str, Any]],
+        infos: list[Published],
+    ) -> int:
+        """The embedding rows once ``tokens`` are in ``tokenizer``; refuses a model that cannot grow."""
+        missing = sync_tokenizer(tokenizer, tokens, _where(infos), add=False)
         rows = int(model.get_input_embeddings().weight.shape[0])
         size = len(tokenizer) + len(missing)
         if rows < size and into is not None and into.adapters:
@@ -631,13 +643,7 @@ class Registry:
                 f"the tokenizer would have {size} tokens but the model's embedding {rows} rows, "
                 "and a model carrying adapters cannot be resized; resize before adding adapters"
             )
-        # What the load checks after the resize (shapes, the base), checked before it.
-        vocabulary = vocabulary_modules(model)
-        for info in infos:
-            check_fits(saved[info.name], info.spec, model, max(rows, size), vocabulary, strict)
-        sync_tokenizer(tokenizer, tokens, where)
-        if rows < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer))
+        return max(rows, size)
 
     # -------------------------------------------------------------- removing
     def remove(self, spec: str) -> None:
