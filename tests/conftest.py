@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 # Tiny models: one thread beats the oversubscription of a 2-core CI machine.
 torch.set_num_threads(1)
+
+# Inductor's on-disk cache does not key its kernels on ATEN_CPU_CAPABILITY, although the C++ it
+# generates follows it: kernels built for AVX-512, reused by a run with ATEN_CPU_CAPABILITY=avx2
+# (tox -e other-cpu), index out of bounds or compute other numbers. One cache per capability.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(Path(tempfile.gettempdir()) / f"torchinductor_tt_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"),
+)
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -774,8 +774,13 @@ def _program() -> NoReturn:
         print(f"{prog}: interrupted", file=sys.stderr)
         status = _INTERRUPTED
     for stream in (sys.stdout, sys.stderr):
-        with suppress(OSError, ValueError):  # a closed pipe (tt ... | head): nothing more can be said
+        try:
             stream.flush()
+        except BrokenPipeError:  # tt ... | head: the reader left before the buffered output went out
+            if stream is sys.stdout and status == 0 and _reader_gone():
+                status = _READER_GONE
+        except (OSError, ValueError):  # nothing more can be said
+            pass
     os._exit(status)
 
 

@@ -189,11 +189,13 @@ def test_a_reader_that_stops_reading_ends_tt_quietly_with_141(argv, tmp_path):
     # `tt registry list | head -0` printed "[Errno 32] Broken pipe" and exited 1.
     if argv[0] == "registry":
         argv = [*argv, "--registry", str(tmp_path / "registry")]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before tt starts: whatever it writes meets no reader
     process = subprocess.Popen(
-        [sys.executable, "-m", "tt_core.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "tt_core.cli", *argv], stdout=write_end, stderr=subprocess.PIPE
     )
-    assert process.stdout is not None and process.stderr is not None
-    process.stdout.close()  # before tt has written anything: its first write meets no reader
+    os.close(write_end)
+    assert process.stderr is not None
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141
     assert err == ""

@@ -355,7 +355,9 @@ class AdapterBank:
             repeated = ids[:, 1:] == ids[:, :-1]
             ids = torch.cat([ids[:, :1], ids[:, 1:].masked_fill(repeated, self.sentinel)], dim=1)
         real = ids != self.sentinel
-        ids = torch.where(real, ids, self.safe_id)
+        # Arithmetic, not torch.where: inductor's AVX2 code for that int64 select let the sentinel through
+        # (index out of bounds) where its AVX-512 and scalar code did not; tox -e other-cpu runs AVX2.
+        ids = ids + (self.safe_id - ids) * (~real).to(ids.dtype)
         # Those rows of W_eff = a_n(... a_1(W)): each depth in stack order.
         weight: torch.Tensor = base_layer.weight  # type: ignore[assignment]
         bias: torch.Tensor | None = base_layer.bias  # type: ignore[assignment]
