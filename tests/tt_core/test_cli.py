@@ -113,6 +113,15 @@ def test_tt_version(capsys):
     assert capsys.readouterr().out == f"tt-adapters {importlib.metadata.version('tt-adapters')}\n"
 
 
+def _default_sigint() -> None:
+    """In the child before it runs: Ctrl-C as a terminal gives it, whatever the caller ignores.
+
+    A shell's background job (`... &`) starts with SIGINT ignored, and tt rightly leaves an ignored
+    SIGINT ignored; these tests are about tt handling the signal, so they start it with the default.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _torch_is_loading(pid: int) -> bool:
     with open(f"/proc/{pid}/maps") as maps:
         return "libtorch" in maps.read()
@@ -139,7 +148,9 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, argv, moment):
         adapter_model = get_adapter_model(build("llama"), TrainableTokensConfig(token_indices=[5, 6]))
         Registry(tmp_path).publish(adapter_model, "greet")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
-    process = subprocess.Popen([tt, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [tt, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     try:
         if moment == "output":
             assert process.stdout is not None
@@ -180,7 +191,9 @@ def test_an_interrupt_python_drops_still_ends_tt_with_its_line_and_130():
         "cli._main = work\n"
         "cli._program()\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, preexec_fn=_default_sigint
+    )
     assert (done.returncode, done.stderr) == (130, "tt plugins: interrupted\n")
 
 
