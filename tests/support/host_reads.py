@@ -13,11 +13,14 @@ HOST_READING_OPS = frozenset(
         "is_nonzero",
         "equal",
         "nonzero",
+        "nonzero_static",
+        "argwhere",
         "_unique",
         "_unique2",
         "unique_dim",
         "unique_consecutive",
         "masked_select",
+        "masked_scatter",
         "repeat_interleave",
     }
 )

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from host_reads import host_reads
 from models import WIDTH, batch, build, logits, reference_logits
 from numerics import assert_same_math
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tt_core import AdapterModel
+from tt_core.testing import OpRecorder
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.lora_linear import LoraLinearConfig
 from tt_plugins.trainable_tokens import TrainableTokensConfig
@@ -41,22 +42,6 @@ STACKS = {
     "lora_linear": ["linear"],
     "in_order": ["tokens", "lora"],  # the head runs adapter by adapter
     "folded": ["tokens", "lora", "tokens2"],  # the head: one low-rank pass, one column replacement
-}
-# Ops that make the host wait for a device value (a size that depends on values, a scalar read).
-HOST_READS = {
-    "_local_scalar_dense",
-    "item",
-    "is_nonzero",
-    "nonzero",
-    "nonzero_static",
-    "_unique",
-    "_unique2",
-    "unique_dim",
-    "unique_consecutive",
-    "masked_select",
-    "masked_scatter",
-    "equal",
-    "argwhere",
 }
 
 
@@ -172,22 +157,6 @@ def test_a_lora_scaling_is_a_float32_number_whatever_the_models_dtype(target):
     assert torch.equal(left, (hidden @ weight.T.to(torch.bfloat16)) * (1 / 3))
 
 
-class _HostReads(TorchDispatchMode):
-    """Records every op run inside it that needs the host to read a device value."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.ops += 1
-        name = func._schema.name.split("::")[-1]
-        if name in HOST_READS or (name == "repeat_interleave" and (kwargs or {}).get("output_size") is None):
-            self.found.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("setup", list(STACKS))
 def test_no_forward_or_backward_path_reads_a_device_value_on_the_host(setup, mode):
@@ -196,8 +165,9 @@ def test_no_forward_or_backward_path_reads_a_device_value_on_the_host(setup, mod
     adapter_model.train(training)
     adapter_model.set_adapter(STACKS[setup])
     inputs = _inputs()
-    with _HostReads() as recorded:
+    with OpRecorder() as recorded:
         _run(adapter_model, inputs, grad)
         _run(adapter_model, inputs, grad)  # without a gradient: built once, then reused (folded.py)
-    assert recorded.ops > 0
-    assert recorded.found == [], f"{setup}, {mode}: ops reading a device value on the host: {recorded.found}"
+    found = host_reads(recorded.ops)
+    assert len(recorded.ops) > 0
+    assert found == [], f"{setup}, {mode}: ops reading a device value on the host: {found}"
