@@ -56,6 +56,13 @@ def _eager(adapter_model: AdapterModel, input_ids: torch.Tensor, **kwargs) -> to
         return adapter_model(input_ids=input_ids, **kwargs).logits
 
 
+def _counted(adapter_model: AdapterModel):
+    """``adapter_model`` compiled whole from a fresh dynamo cache, and the counter of its graphs."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    return torch.compile(adapter_model, backend=counter, fullgraph=True), counter
+
+
 def _compiled(compiled, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return compiled(input_ids=input_ids, **kwargs).logits
@@ -68,9 +75,7 @@ def test_switching_stacks_and_loading_an_adapter_within_capacity_do_not_recompil
     adapter_model = _model()
     adapter_model.prepare_for_compile(max_stack=3, max_rows=4, max_rank=4, max_adapters=6)
     input_ids = _inputs()
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(adapter_model, backend=counter, fullgraph=True)
+    compiled, counter = _counted(adapter_model)
     assert_same_math(_compiled(compiled, input_ids), _eager(adapter_model, input_ids))
     assert counter.frame_count == 1
     for stack in STACKS:
@@ -102,9 +107,7 @@ def test_deleting_every_adapter_of_a_kind_does_not_recompile():
     adapter_model.set_adapter(["t1", "l1"])
     adapter_model.prepare_for_compile()
     input_ids = _inputs()
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(adapter_model, backend=counter, fullgraph=True)
+    compiled, counter = _counted(adapter_model)
     _compiled(compiled, input_ids)
     for name in ("t1", "t2"):  # no row-replacing adapter left: their tables stay, empty
         adapter_model.delete_adapter(name)
@@ -118,9 +121,7 @@ def test_new_per_sample_assignments_do_not_recompile():
     adapter_model = _model()
     adapter_model.prepare_for_compile(max_stack=3)
     input_ids = _inputs(4)
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(adapter_model, backend=counter, fullgraph=True)
+    compiled, counter = _counted(adapter_model)
     assignments = [
         ["t1", "l1", "__base__", ["t1", "l1", "t2"]],
         [["q", "t2"], "t2", "t1", "l1"],
@@ -141,9 +142,7 @@ def test_weights_changed_by_hand_reach_the_compiled_model_after_refresh_adapter_
     adapter_model.set_adapter(["t1", "l1"])
     adapter_model.prepare_for_compile()
     input_ids = _inputs()
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(adapter_model, backend=counter, fullgraph=True)
+    compiled, counter = _counted(adapter_model)
     before = _compiled(compiled, input_ids)
     state = adapter_model.model.model.embed_tokens.adapters["t1"]
     state.trainable_tokens_rows.data.mul_(3)  # through .data: nothing can notice it
