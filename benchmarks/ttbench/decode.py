@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ttbench.device import DTYPES, add_device_arguments, check_device, device_name, synchronize
+from ttbench.report import markdown_table
 from ttbench.setups import sharing_copy
 from ttbench.shapes import Shape, build_base_model, make_input_ids
 
@@ -284,7 +285,7 @@ def table(results: list[dict[str, Any]]) -> str:
         "recompiles timed",
         "tokens = eager",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for r in results:
         setups = r["setups"]
         base_eager = setups.get(setup_name("base", "eager"), {}).get("median_s")
@@ -299,8 +300,8 @@ def table(results: list[dict[str, Any]]) -> str:
                 row += [_ratio(seconds, same_mode), _ratio(seconds, base_eager)]
                 row += [str(entry["graphs_compiled"]), str(entry["recompiles_timed"])]
                 row += ["yes" if entry["same_tokens_as_eager"] else "no"]
-            lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+            rows.append(row)
+    return "\n".join(markdown_table(head, rows))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

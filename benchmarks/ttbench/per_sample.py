@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ttbench.device import DTYPES, add_device_arguments, check_device, device_name, synchronize
+from ttbench.report import markdown_table
 from ttbench.setups import sharing_copy
 from ttbench.shapes import Shape, build_base_model
 
@@ -285,7 +286,7 @@ def table(results: list[dict[str, Any]]) -> str:
         "groups/base gen",
         "peft/base gen",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for r in results:
         seconds = r["seconds"]
         row = [r["shape"], r["device"], r["dtype"], r["mix"], str(r["adapters"]), str(r["samples"])]
@@ -293,8 +294,8 @@ def table(results: list[dict[str, Any]]) -> str:
         row += [_ratio(r, f"{way}/base forward") for way in ("mixed", "groups", "peft")]
         row += [f"{seconds['base_generate']:.3f}"]
         row += [_ratio(r, f"{way}/base generate") for way in ("mixed", "groups", "peft")]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return "\n".join(markdown_table(head, rows))
 
 
 def main(argv: list[str] | None = None) -> int:

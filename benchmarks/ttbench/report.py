@@ -30,9 +30,14 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
-def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the head, its rule, one line per row."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["", title, "", *markdown_table(head, rows)]
 
 
 def _others(groups: Iterable[Iterable[str]], known: tuple[str, ...]) -> list[str]:
