@@ -20,7 +20,7 @@ from numerics import assert_same_math
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounter
 
-from tt_core import AdapterModel, Registry
+from tt_core import AdapterModel, AdapterState, Registry
 from tt_core.api.errors import AdapterStateError, ArgumentTypeError, ConfigError
 from tt_plugins.lora_embedding import LoraEmbeddingConfig
 from tt_plugins.lora_linear import LoraLinearConfig
@@ -268,3 +268,25 @@ def test_bad_hot_swaps_are_refused_and_change_nothing(tmp_path):
     with pytest.raises(AdapterStateError, match="unmerge_adapter"):
         adapter_model.hotswap_adapter("a", "b")
     _assert_unchanged(adapter_model, merged)
+
+
+def test_a_hot_swap_failing_part_way_puts_back_the_weights_it_already_swapped(monkeypatch):
+    # lora_linear adapts q_proj and v_proj: the swap of the second fails after the first was done.
+    adapter_model = _model("lora_linear")
+    before = _snapshot(adapter_model)
+    outputs = _outputs(adapter_model, "a")
+    real = AdapterState.copy_tensors_from
+    calls = []
+
+    def second_fails(self: AdapterState, *args: Any, **kwargs: Any) -> None:
+        calls.append(self)
+        if len(calls) == 2:
+            raise OSError("injected: the second weight's copy failed")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdapterState, "copy_tensors_from", second_fails)
+    with pytest.raises(OSError, match="injected"):
+        adapter_model.hotswap_adapter("a", "b")
+    assert len(calls) > 2  # the first site was swapped, then swapped back
+    _assert_unchanged(adapter_model, before)
+    assert torch.equal(_outputs(adapter_model, "a"), outputs)
