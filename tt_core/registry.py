@@ -581,16 +581,12 @@ class Registry:
     def hotswap(self, spec: str, adapter_model: AdapterModel, adapter_name: str) -> None:
         """Hot-swap the published adapter ``spec`` into ``adapter_model``'s ``adapter_name``.
 
-        See :meth:`AdapterModel.hotswap_adapter`: same method, modules and
-        shapes; the tensors are replaced in place, so a compiled model does not
-        recompile. On any error nothing changes.
+        See :meth:`AdapterModel.hotswap_adapter`: the same method on the same
+        modules; tensors of the same shape are written in place, so a compiled
+        model does not recompile. On any error nothing changes.
         """
-        info = self.info(spec)
-        try:
-            saved = self._read_adapter(info)
-        except (FileNotFoundError, storage.MissingFiles):
-            raise RegistryError(f"{info.spec} was removed while it was being read") from None
-        adapter_model.hotswap_saved(adapter_name, saved)
+        infos, saved = self._read_for_load([spec])
+        adapter_model.hotswap_saved(adapter_name, saved[infos[0].name])
 
     def _prepare_tokenizer(
         self,
