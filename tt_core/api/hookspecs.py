@@ -157,9 +157,10 @@ def hotswap(state: AdapterState, source: AdapterState) -> bool | None:
     then runs the new adapter without recompiling. Keep whatever decides the
     outputs in tensors rather than Python numbers, which a compiled graph
     holds as constants (the LoRA plugins keep ``scaling`` in a buffer).
-    Raise ``ValueError`` (:class:`tt_core.ConfigError`) naming what differs
-    and the fix when ``state`` cannot take ``source`` (another rank, another
-    number of rows), before changing anything. Default:
+    A method whose sizes may differ (another rank, another number of rows)
+    replaces those tensors instead (``copy_tensors_from(source,
+    resize=True)``); otherwise raise ``ValueError`` (:class:`tt_core.ConfigError`)
+    naming what differs and the fix, before changing anything. Default:
     :meth:`AdapterState.copy_tensors_from`, which copies every parameter and
     buffer of equal name and shape and refuses anything else. Return
     ``True`` when done. Never called for a merged adapter.
